@@ -1,0 +1,129 @@
+"""Small victims: DLG's sigmoid LeNet, a plain ConvNet, fully connected nets, a test model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from victims import layers as L
+from victims.layers import conv
+from victims.registry import VICTIMS
+
+
+@VICTIMS.register("lenet", version="1")
+def lenet(
+    *,
+    num_classes: int,
+    in_channels: int,
+    side: int,
+    activation: str = "sigmoid",
+    padding_mode: str = "zeros",
+    init_range: float = 0.5,
+) -> nn.Module:
+    """The LeNet of the DLG paper: three 5x5 convs of 12 channels (strides 2, 2, 1), sigmoid, one linear layer.
+
+    Weights and biases start uniform in (-init_range, init_range), as in DLG's code.
+    """
+    if side % 4:
+        raise ValueError(f"lenet needs an image side divisible by 4; got {side}")
+    body = nn.Sequential(
+        conv(in_channels, 12, 5, stride=2, padding_mode=padding_mode),
+        L.activation(activation),
+        conv(12, 12, 5, stride=2, padding_mode=padding_mode),
+        L.activation(activation),
+        conv(12, 12, 5, stride=1, padding_mode=padding_mode),
+        L.activation(activation),
+        nn.Flatten(),
+        nn.Linear(12 * (side // 4) ** 2, num_classes),
+    )
+    with torch.no_grad():
+        for p in body.parameters():
+            p.uniform_(-init_range, init_range)
+    return body
+
+
+@VICTIMS.register("convnet", version="1")
+def convnet(
+    *,
+    num_classes: int,
+    in_channels: int,
+    side: int,
+    width: int = 16,
+    norm: str = "batch",
+    activation: str = "relu",
+    padding_mode: str = "zeros",
+) -> nn.Module:
+    """A plain ConvNet: conv-norm-act blocks of width, 2*width, 4*width with two stride-2 steps, then pooling and a linear layer."""
+    if width < 1:
+        raise ValueError(f"convnet width must be >= 1; got {width}")
+    chans = [width, 2 * width, 2 * width, 4 * width]
+    strides = [1, 2, 1, 2]
+    layers: list[nn.Module] = []
+    cin = in_channels
+    for cout, stride in zip(chans, strides):
+        layers += [conv(cin, cout, 3, stride=stride, padding_mode=padding_mode, bias=norm == "none"),
+                   L.norm(norm, cout), L.activation(activation)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+@VICTIMS.register("fc", version="1")
+def fc(
+    *,
+    num_classes: int,
+    in_channels: int,
+    side: int,
+    hidden: int = 256,
+    activation: str = "relu",
+) -> nn.Module:
+    """A victim whose first layer is fully connected (flatten, linear+bias, act, linear): the analytic attack's case."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * side * side, hidden),
+        L.activation(activation),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+@VICTIMS.register("mlp", version="1")
+def mlp(
+    *,
+    num_classes: int,
+    in_channels: int,
+    side: int,
+    hidden: int = 256,
+    depth: int = 3,
+    activation: str = "relu",
+) -> nn.Module:
+    """A multi-layer perceptron with ``depth`` linear layers of ``hidden`` units."""
+    if depth < 1:
+        raise ValueError(f"mlp depth must be >= 1; got {depth}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    cin = in_channels * side * side
+    for _ in range(depth - 1):
+        layers += [nn.Linear(cin, hidden), L.activation(activation)]
+        cin = hidden
+    layers.append(nn.Linear(cin, num_classes))
+    return nn.Sequential(*layers)
+
+
+@VICTIMS.register("test_tiny", version="1")
+def test_tiny(
+    *,
+    num_classes: int,
+    in_channels: int,
+    side: int,
+    width: int = 4,
+    norm: str = "none",
+    activation: str = "sigmoid",
+) -> nn.Module:
+    """A tiny conv net for fast tests: one conv, pooling to 4x4, one linear layer."""
+    return nn.Sequential(
+        conv(in_channels, width, 3, stride=2, bias=norm == "none"),
+        L.norm(norm, width),
+        L.activation(activation),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(width * 16, num_classes),
+    )
