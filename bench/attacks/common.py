@@ -1,0 +1,67 @@
+"""Helpers every attack shares: finding layers in an observation, the functional model."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from bench.core import Observation
+
+
+def update_by_name(observation: Observation) -> dict[str, torch.Tensor]:
+    return dict(zip(observation.param_names, observation.update))
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier: the last ``nn.Linear`` of the model, with its qualified name."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError("the victim has no linear layer to read labels from")
+    return found[-1]
+
+
+def first_parametric(model: nn.Module) -> tuple[str, nn.Module]:
+    """The first module (in forward-registration order) that owns parameters."""
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            return name, module
+    raise ValueError("the victim has no parameters")
+
+
+def _qualified(prefix: str, leaf: str) -> str:
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
+def layer_update(observation: Observation, prefix: str, leaf: str) -> torch.Tensor:
+    name = _qualified(prefix, leaf)
+    updates = update_by_name(observation)
+    if name not in updates:
+        raise ValueError(f"the observation has no update for parameter {name!r}")
+    return updates[name]
+
+
+def as_gradient(observation: Observation, tensor: torch.Tensor) -> torch.Tensor:
+    """A FedSGD gradient as is; a weight difference turned into a pseudo-gradient (-delta / lr)."""
+    if observation.kind == "gradients":
+        return tensor
+    lr = observation.local_lr or 1.0
+    return -tensor / lr
+
+
+def attacker_model(model: nn.Module, observation: Observation, device: torch.device) -> nn.Module:
+    """The attacker's functional copy, in the client's BatchNorm mode.
+
+    In train mode BatchNorm normalizes each candidate batch by its own statistics; the
+    running-statistics updates are switched off so the copy can be vmapped.
+    """
+    attacker = copy.deepcopy(model).to(device)
+    for p in attacker.parameters():
+        p.requires_grad_(False)
+    if observation.bn_mode == "train":
+        torch.func.replace_all_batch_norm_modules_(attacker)
+        attacker.train()
+    else:
+        attacker.eval()
+    return attacker

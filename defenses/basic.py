@@ -1,0 +1,14 @@
+"""The baseline: no defense."""
+
+from bench.core import Defense
+from defenses.registry import DEFENSES
+
+
+class NoDefense(Defense):
+    """The client sends its update as computed."""
+
+
+@DEFENSES.register("none", version="1")
+def none() -> Defense:
+    """No defense: the update is sent as computed."""
+    return NoDefense()

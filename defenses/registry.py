@@ -1,0 +1,5 @@
+"""The defense registry."""
+
+from bench.core import Defense, Registry
+
+DEFENSES: Registry[Defense] = Registry("defense")
