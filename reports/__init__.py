@@ -1,0 +1,34 @@
+"""Leaderboards and the HTML report, computed from a leakbench store alone.
+
+This package never imports torch: a report can be rebuilt on any machine from the
+``leakbench.sqlite`` file of a run. See reports/README.md for what each file shows.
+"""
+
+from reports.html import ReportPaths, render_leaderboard_html, render_report, write_reports
+from reports.leaderboard import (
+    PSNR_CAP_DB,
+    ReportError,
+    ResultSet,
+    Threshold,
+    bootstrap_mean_interval,
+    leaderboard,
+    load_results,
+    per_image_worst,
+    to_markdown,
+)
+
+__all__ = [
+    "PSNR_CAP_DB",
+    "ReportError",
+    "ReportPaths",
+    "ResultSet",
+    "Threshold",
+    "bootstrap_mean_interval",
+    "leaderboard",
+    "load_results",
+    "per_image_worst",
+    "render_leaderboard_html",
+    "render_report",
+    "to_markdown",
+    "write_reports",
+]

@@ -1,0 +1,315 @@
+"""HTML pages (jinja2, autoescaped) and :func:`write_reports`, which writes every report file.
+
+The report is one self-contained file: images are inline ``data:`` URIs read from the
+store's ``images`` table, styles and the sorting script are inline, and nothing is
+fetched from anywhere, so it opens offline and can be attached to a ticket or a CI run.
+Labels come from suite files and are escaped like any other text.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import jinja2
+import pandas as pd
+from markupsafe import Markup
+
+from bench.store import Store
+from reports.leaderboard import (
+    BOOTSTRAP_RESAMPLES,
+    CONFIDENCE_LEVEL,
+    GROUP_COLUMNS,
+    PSNR_CAP_DB,
+    ResultSet,
+    leaderboard,
+    load_results,
+    per_image_worst,
+    to_markdown,
+)
+
+log = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+TRUTH_ATTACK_KEY = ""  # the images table stores the ground truth under attack_key ''
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where :func:`write_reports` put each file."""
+
+    csv: Path
+    markdown: Path
+    leaderboard_html: Path
+    report_html: Path
+
+    def __iter__(self) -> Iterator[Path]:
+        return iter((self.csv, self.markdown, self.leaderboard_html, self.report_html))
+
+
+# --------------------------------------------------------------------------- view model
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One attack's outcome for one image in one trial: a reconstruction or a failure."""
+
+    trial: int
+    status: str
+    error: str | None
+    psnr_db: float
+    ssim: float
+    lpips: float
+    lpips_note: str | None
+    src: str | None
+    best: bool
+
+
+@dataclass(frozen=True)
+class AttackCell:
+    label: str
+    tiles: tuple[Tile, ...]
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    image_id: str
+    true_label: int
+    worst_psnr_db: float
+    leaked: bool | None
+    truth_src: str | None
+    attacks: tuple[AttackCell, ...]
+
+
+@dataclass(frozen=True)
+class Grid:
+    victim: str
+    defense: str
+    protocol: str
+    oracle_labels: bool
+    shared_bn_stats: bool
+    attack_labels: tuple[str, ...]
+    images: tuple[ImageRow, ...]
+    hidden: int = 0
+
+
+# --------------------------------------------------------------------------- jinja
+
+
+def environment() -> jinja2.Environment:
+    """The report's jinja2 environment: autoescaped, strict about undefined names."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["num"] = _format_number
+    env.filters["pct"] = _format_percent
+    env.filters["sortkey"] = _sort_key
+    env.tests["missing"] = _missing
+    return env
+
+
+def _missing(value: Any) -> bool:
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _format_number(value: Any, digits: int = 2, *, note: str | None = None) -> Markup | str:
+    """Decimals for a number; a visible, explained ``n/a`` (never 0) for a missing one."""
+    if _missing(value):
+        if note:
+            return Markup('<span class="na" title="{}">n/a</span>').format(note)
+        return Markup('<span class="na">n/a</span>')
+    return f"{value:.{digits}f}"
+
+
+def _format_percent(value: Any) -> Markup | str:
+    if _missing(value):
+        return Markup('<span class="na">n/a</span>')
+    return f"{100 * value:.1f}%"
+
+
+def _sort_key(value: Any) -> str:
+    """The raw number for the sorting script; '' for missing, which sorts last."""
+    return "" if _missing(value) else repr(float(value))
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_leaderboard_html(results: ResultSet, *, board: pd.DataFrame | None = None) -> str:
+    """The leaderboard alone, as a standalone page (for dashboards and CI artifacts)."""
+    board = leaderboard(results) if board is None else board
+    return environment().get_template("leaderboard.html").render(**_common(results, board))
+
+
+def render_report(
+    results: ResultSet, *, board: pd.DataFrame | None = None, max_images_per_group: int | None = None,
+) -> str:
+    """The full report: header, provenance, metric notes, leaderboard, reconstruction grids.
+
+    ``max_images_per_group`` keeps only the images with the highest worst-case PSNR of
+    each group (the ones that matter to an auditor) when a suite has too many to inline.
+    """
+    board = leaderboard(results) if board is None else board
+    images = per_image_worst(results)
+    with Store(results.store_path, readonly=True) as store:
+        grids = _grids(results, images, store=store, max_images=max_images_per_group)
+    lpips_notes = [n for n in dict.fromkeys(board["lpips_note"]) if n] if len(board) else []
+    runs = [_run_view(run) for run in results.runs.to_dict("records")]
+    return environment().get_template("report.html").render(
+        **_common(results, board),
+        grids=grids,
+        runs=runs,
+        threat_models=results.threat_models,
+        status_counts=results.status_counts,
+        lpips_notes=lpips_notes,
+        confidence=CONFIDENCE_LEVEL,
+        resamples=BOOTSTRAP_RESAMPLES,
+        suite_text=str(results.runs["suite_text"].iloc[-1]),
+    )
+
+
+def _common(results: ResultSet, board: pd.DataFrame) -> dict[str, Any]:
+    attacks = [(c, c[len("psnr_db["):-1]) for c in board.columns if c.startswith("psnr_db[")]
+    return {
+        "suite_name": results.suite_name,
+        "suite_hash": results.suite_hash,
+        "threshold": results.threshold,
+        "board": board.to_dict("records"),
+        "attacks": attacks,
+        "any_oracle_labels": bool(board["oracle_labels"].any()) if len(board) else False,
+        "any_shared_bn": bool(board["shared_bn_stats"].any()) if len(board) else False,
+        "psnr_cap_db": PSNR_CAP_DB,
+    }
+
+
+def _run_view(run: dict[str, Any]) -> dict[str, Any]:
+    try:
+        versions = sorted(json.loads(run["versions_json"]).items())
+    except (TypeError, ValueError, AttributeError):
+        versions = [("versions", str(run["versions_json"]))]
+    ended = run.get("ended_utc")
+    return {**run, "versions": versions, "ended_utc": None if _missing(ended) else ended}
+
+
+def _data_uri(png: bytes | None) -> str | None:
+    if png is None:
+        return None
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _grids(results: ResultSet, images: pd.DataFrame, *, store: Store, max_images: int | None) -> list[Grid]:
+    # Plain records grouped once: per-image DataFrame filtering is ~100x slower at suite scale.
+    records_by_image: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for record in results.rows.to_dict("records"):
+        records_by_image.setdefault((*(record[c] for c in GROUP_COLUMNS), record["image_id"]), []).append(record)
+    grids = []
+    for key, group_images in images.groupby(["victim", "defense", "protocol"], sort=False):
+        ordered = group_images.sort_values("worst_psnr_db", ascending=False, na_position="last", kind="stable")
+        shown = ordered if max_images is None else ordered.head(max_images)
+        group_records = [r for image_id in group_images["image_id"] for r in records_by_image[(*key, image_id)]]
+        present = {r["attack_label"] for r in group_records}
+        group_attacks = [a for a in results.attack_labels if a in present]
+        grids.append(Grid(
+            victim=key[0], defense=key[1], protocol=key[2],
+            oracle_labels=any(r["threat_labels"] == "known" for r in group_records),
+            shared_bn_stats=any(r["threat_bn_stats"] == "shared" for r in group_records),
+            attack_labels=tuple(group_attacks),
+            images=tuple(
+                _image_row(image, records_by_image[(*key, image["image_id"])], group_attacks, results=results,
+                           store=store)
+                for image in shown.to_dict("records")
+            ),
+            hidden=len(ordered) - len(shown),
+        ))
+    return grids
+
+
+def _image_row(image: dict[str, Any], records: list[dict[str, Any]], attack_labels: list[str], *,
+               results: ResultSet, store: Store) -> ImageRow:
+    # The ground truth is the same picture in every cell that holds the image; take it from
+    # the cell of the worst case (or the first row when every row failed).
+    if _missing(image["best_cell_key"]):
+        truth_cell, truth_slot = records[0]["cell_key"], int(records[0]["image_slot"])
+    else:
+        truth_cell, truth_slot = image["best_cell_key"], int(image["best_image_slot"])
+    truth = store.image_png(results.suite_hash, truth_cell, TRUTH_ATTACK_KEY, truth_slot)
+    cells = []
+    for label in attack_labels:
+        attack_records = [r for r in records if r["attack_label"] == label]
+        ok = sorted((r for r in attack_records if r["status"] == "ok"), key=_psnr_descending)
+        failed = [r for r in attack_records if r["status"] != "ok"]
+        cells.append(AttackCell(label=label, tiles=tuple(_tile(r, image, results=results, store=store)
+                                                         for r in [*ok, *failed])))
+    leaked = image["leaked"]
+    return ImageRow(
+        image_id=str(image["image_id"]), true_label=int(image["true_label"]),
+        worst_psnr_db=float(image["worst_psnr_db"]), leaked=None if _missing(leaked) else bool(leaked),
+        truth_src=_data_uri(truth), attacks=tuple(cells),
+    )
+
+
+def _psnr_descending(record: dict[str, Any]) -> float:
+    return -math.inf if _missing(record["psnr_db"]) else -record["psnr_db"]
+
+
+def _tile(row: dict[str, Any], image: dict[str, Any], *, results: ResultSet, store: Store) -> Tile:
+    ok = row["status"] == "ok"
+    # The runner stores each reconstruction under the GROUND-TRUTH slot it was matched to
+    # (bench.runner: pngs[reference_index] = recon.images[matched_index]), so the row's own
+    # image_slot finds it; matched_slot is the attack's output index, kept for provenance only.
+    png = store.image_png(results.suite_hash, row["cell_key"], row["attack_key"], int(row["image_slot"])) if ok else None
+    best = (ok and not _missing(image["best_cell_key"]) and row["cell_key"] == image["best_cell_key"]
+            and row["attack_key"] == image["best_attack_key"] and int(row["image_slot"]) == int(image["best_image_slot"]))
+    return Tile(
+        trial=int(row["trial"]), status=str(row["status"]), error=None if _missing(row["error"]) else str(row["error"]),
+        psnr_db=row["psnr_db"], ssim=row["ssim"], lpips=row["lpips"],
+        lpips_note=None if _missing(row["lpips_note"]) else str(row["lpips_note"]),
+        src=_data_uri(png), best=bool(best),
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_reports(
+    store_path: str | Path, out_dir: str | Path, *, suite_hash: str | None = None,
+    max_images_per_group: int | None = None,
+) -> ReportPaths:
+    """Write leaderboard.csv, leaderboard.md, leaderboard.html and report.html into ``out_dir``.
+
+    All four come from one leaderboard computation, so they always agree. The CSV keeps
+    full precision (numbers as numbers) for scripts; the others are for people.
+    """
+    results = load_results(store_path, suite_hash=suite_hash)
+    board = leaderboard(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = ReportPaths(
+        csv=out / "leaderboard.csv",
+        markdown=out / "leaderboard.md",
+        leaderboard_html=out / "leaderboard.html",
+        report_html=out / "report.html",
+    )
+    board.to_csv(paths.csv, index=False)
+    paths.markdown.write_text(to_markdown(board, results=results), encoding="utf-8")
+    paths.leaderboard_html.write_text(render_leaderboard_html(results, board=board), encoding="utf-8")
+    paths.report_html.write_text(
+        render_report(results, board=board, max_images_per_group=max_images_per_group), encoding="utf-8")
+    log.info("reports of suite %s (%s, %d rows) written to %s", results.suite_name, results.suite_hash,
+             len(results.rows), out)
+    return paths
+
+
+__all__ = ["ReportPaths", "environment", "render_leaderboard_html", "render_report", "write_reports"]
