@@ -6,6 +6,7 @@ import argparse
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -23,13 +24,15 @@ class TqdmProgress:
         self.enabled = enabled
         self.bar = None
         self.description = ""
+        self.last_refresh = 0.0
 
     def start(self, total: int, *, skipped: int) -> None:
         from tqdm import tqdm
 
         if skipped:
             print(f"{skipped} attack run(s) already in the store; skipping them", file=sys.stderr)
-        self.bar = tqdm(total=total, unit="attack", disable=not self.enabled, dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(total=total, unit="attack", disable=not self.enabled, dynamic_ncols=True, file=sys.stderr,
+                        mininterval=1.0)
 
     def task(self, description: str) -> None:
         self.description = description
@@ -37,7 +40,9 @@ class TqdmProgress:
             self.bar.set_postfix_str(description, refresh=True)
 
     def iterations(self, done: int, total: int) -> None:
-        if self.bar is not None and total > 1:
+        now = time.monotonic()
+        if self.bar is not None and total > 1 and (now - self.last_refresh >= 1.0 or done == total):
+            self.last_refresh = now
             self.bar.set_postfix_str(f"{self.description} | it {done}/{total}", refresh=False)
             self.bar.refresh()
 

@@ -44,6 +44,7 @@ class ComponentSpec:
     name: str
     version: str
     params: tuple[tuple[str, Any], ...] = ()
+    given: tuple[str, ...] = ()  # the parameters the suite set (the rest are defaults)
 
     def kwargs(self) -> dict[str, Any]:
         return {k: _thaw(v) for k, v in self.params}
@@ -52,8 +53,8 @@ class ComponentSpec:
         return {"name": self.name, "version": self.version, "params": self.kwargs()}
 
     def label(self) -> str:
-        """Short human-readable form: ``convnet(width=32)``."""
-        shown = ", ".join(f"{k}={v}" for k, v in self.params)
+        """Short human-readable form naming the parameters the suite set: ``convnet(width=32)``."""
+        shown = ", ".join(f"{k}={_thaw(v)}" for k, v in self.params if k in self.given)
         return f"{self.name}({shown})" if shown else self.name
 
 
@@ -322,7 +323,8 @@ def _component(
     if not ok or missing:
         return None, extras
     full = {**entry.defaults(exclude=reserved), **params}
-    spec = ComponentSpec(name=name, version=entry.version, params=tuple(sorted((k, _freeze(v)) for k, v in full.items())))
+    spec = ComponentSpec(name=name, version=entry.version, params=tuple(sorted((k, _freeze(v)) for k, v in full.items())),
+                         given=tuple(sorted(params)))
     return spec, extras
 
 
@@ -483,7 +485,7 @@ def _attacks(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, d
                       "or choose a recovery strategy such as 'idlg'")
         timeout = c.value(extras, "timeout_s", ap, float, None, check=lambda v: v > 0, hint="seconds, > 0")
         if spec is not None and labels_spec is not None:
-            specs.append(AttackSpec(name=spec.name, version=spec.version, params=spec.params,
+            specs.append(AttackSpec(name=spec.name, version=spec.version, params=spec.params, given=spec.given,
                                     labels=labels_spec, timeout_s=timeout))
     return tuple(specs)
 
