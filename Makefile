@@ -26,7 +26,7 @@ check: $(STAMP)
 	$(BIN)/leakbench check $(SUITE)
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest tests/perf --benchmark-only -q
+	$(BIN)/python -m pytest -o addopts="" tests/perf --benchmark-only -q
 
 clean-results:
 	rm -rf results

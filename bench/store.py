@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS cells (
     defense TEXT NOT NULL,
     defense_label TEXT NOT NULL,
     defense_json TEXT NOT NULL,
-    defense_info_json TEXT NOT NULL DEFAULT '{}',
+    defense_info_json TEXT NOT NULL DEFAULT '{}',  -- numbers a defense reports (epsilon, utility cost, ...)
+    victim_info_json TEXT NOT NULL DEFAULT '{}',   -- training state, test accuracy, effective architecture
+    cell_flags_json TEXT NOT NULL DEFAULT '[]',    -- sanity flags raised for the cell (e.g. an all-zero update)
     protocol TEXT NOT NULL,
     protocol_json TEXT NOT NULL,
     batch_size INTEGER NOT NULL,
@@ -83,6 +85,8 @@ CREATE TABLE IF NOT EXISTS results (
     iterations INTEGER,
     restarts INTEGER,
     trace_json TEXT,
+    flags_json TEXT NOT NULL DEFAULT '[]',  -- sanity flags raised for this row (see bench/sanity)
+    battery TEXT,                           -- the battery the attack came from, e.g. standard-v1
     created_utc TEXT NOT NULL,
     PRIMARY KEY (suite_hash, cell_key, attack_key, image_slot)
 );
@@ -121,6 +125,7 @@ class ResultRow:
     iterations: int | None = None
     restarts: int | None = None
     trace: Sequence[tuple[int, float]] = ()
+    flags: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -264,13 +269,14 @@ class Store:
                     "INSERT INTO results (suite_hash, cell_key, attack_key, image_slot, run_id, attack, attack_version,"
                     " attack_json, label_strategy, label_strategy_version, image_id, true_label, status, error, psnr_db,"
                     " ssim, lpips, lpips_note, label_accuracy, matched_slot, matching_loss, seconds, iterations, restarts,"
-                    " trace_json, created_utc) VALUES (" + ", ".join("?" * 26) + ")",
+                    " trace_json, flags_json, battery, created_utc) VALUES (" + ", ".join("?" * 28) + ")",
                     (
                         suite_hash, cell_key, attack_key, r.image_slot, run_id, attack["name"], attack["version"],
                         json.dumps(attack["params"], sort_keys=True), attack["labels"]["name"],
                         attack["labels"]["version"], r.image_id, r.true_label, r.status, r.error, r.psnr_db, r.ssim,
                         r.lpips, r.lpips_note, r.label_accuracy, r.matched_slot, r.matching_loss, r.seconds,
-                        r.iterations, r.restarts, json.dumps(list(r.trace)), created_utc,
+                        r.iterations, r.restarts, json.dumps(list(r.trace)), json.dumps(list(r.flags)),
+                        attack.get("battery"), created_utc,
                     ),
                 )
 
@@ -279,7 +285,7 @@ class Store:
         return self.conn.execute(
             "SELECT r.*, c.case_index, c.dataset, c.victim, c.victim_label, c.victim_json, c.defense, c.defense_label,"
             " c.defense_json, c.defense_info_json, c.protocol, c.protocol_json, c.batch_size, c.bn_mode, c.batch_index,"
-            " c.trial, c.threat_labels, c.threat_bn_stats"
+            " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json"
             " FROM results r JOIN cells c ON c.suite_hash = r.suite_hash AND c.cell_key = r.cell_key"
             " WHERE r.suite_hash = ? ORDER BY c.case_index, c.victim_label, c.defense_label, c.batch_index, c.trial,"
             " r.attack, r.image_slot",

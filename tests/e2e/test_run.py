@@ -118,14 +118,44 @@ def test_failures_are_rows_with_a_status(tmp_path):
     assert again.skipped == 0 and sum(again.statuses.values()) == 4
 
 
-def test_bad_suite_exits_2_and_writes_nothing(tmp_path, capsys):
+BAD_BASE = """
+[suite]
+name = "b"
+images = 2
+[dataset]
+name = "photos"
+side = 16
+[[case]]
+victim = "test_tiny"
+protocol = { name = "fedsgd", batch_size = 1 }
+[[case.attacks]]
+name = "inverting_gradients"
+iterations = 3
+"""
+
+
+@pytest.mark.parametrize(
+    "old,new,path,needle",
+    [
+        ("iterations = 3", "iteratons = 3", "case[0].attacks[0].iteratons", "did you mean 'iterations'"),
+        ('victim = "test_tiny"', 'victim = "lenett"', "case[0].victim.name", "unknown victim"),
+        ('name = "photos"', 'name = "fotos"', "dataset.name", "unknown dataset"),
+        ('name = "inverting_gradients"', 'name = "inverting"', "case[0].attacks[0].name", "unknown attack"),
+        ('[[case.attacks]]', 'defense = "noise"\n[[case.attacks]]', "case[0].defense.name", "unknown defense"),
+        ("iterations = 3", 'iterations = "3"', "case[0].attacks[0].iterations", "must be int"),
+        ("iterations = 3", "iterations = -3", "case[0].attacks[0].iterations", "impossible value"),
+        ("batch_size = 1", "batch_size = 3", "case[0].protocol.batch_size", "larger than the 2 images"),
+    ],
+)
+def test_bad_suite_exits_2_names_the_path_and_writes_nothing(tmp_path, capsys, old, new, path, needle):
+    assert old in BAD_BASE
     bad = tmp_path / "bad.toml"
-    bad.write_text('[suite]\nname = "b"\n[dataset]\nname = "photos"\n[[case]]\nvictim = "lenet"\n'
-                   '[[case.attacks]]\nname = "inverting_gradients"\niteratons = 3\n')
+    bad.write_text(BAD_BASE.replace(old, new, 1))
     out = tmp_path / "out"
     assert main(["run", str(bad), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "case[0].attacks[0].iteratons" in err and "did you mean 'iterations'" in err
+    line = next((ln for ln in err.splitlines() if ln.strip().startswith(path + ":")), None)
+    assert line is not None and needle in line, err
     assert not out.exists()
     assert main(["check", str(bad)]) == 2
 
