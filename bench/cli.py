@@ -59,11 +59,11 @@ def _default_out(suite_path: str) -> Path:
     return Path("results") / Path(suite_path).stem
 
 
-def _load(path: str):
+def _load(path: str, budget: str = "full"):
     from bench.suite import SuiteError, load_suite
 
     try:
-        return load_suite(path)
+        return load_suite(path, budget=budget)
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
@@ -72,18 +72,18 @@ def _load(path: str):
 def cmd_check(args: argparse.Namespace) -> int:
     from bench.suite import suite_summary
 
-    suite = _load(args.suite)
+    suite = _load(args.suite, args.budget)
     if suite is None:
         return EXIT_BAD_INPUT
     info = suite_summary(suite)
-    print(f"{args.suite}: ok — suite {info['name']!r} (hash {info['hash']}), {info['cells']} cells, "
+    print(f"{args.suite}: ok — suite {info['name']!r} (hash {info['hash']}, budget {info['budget']}), {info['cells']} cells, "
           f"{info['attack_runs']} attack runs on {info['dataset']}; threat model labels={info['threat_model']['labels']}, "
           f"bn_stats={info['threat_model']['bn_stats']}; leak threshold {info['leak_threshold']}")
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    suite = _load(args.suite)
+    suite = _load(args.suite, args.budget)
     if suite is None:
         return EXIT_BAD_INPUT
     from bench.runner import run_suite
@@ -165,11 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="directory of the store and reports (default: results/<suite name>)")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--retry-failed", action="store_true", help="run again the attack runs that failed before")
+    run.add_argument("--budget", default="full", choices=("full", "smoke"),
+                     help="smoke: 2 images, 4 iterations, 1 restart, 1 epoch — checks that every cell runs, says nothing about leakage")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a suite without running anything")
     check.add_argument("suite")
+    check.add_argument("--budget", default="full", choices=("full", "smoke"))
     check.set_defaults(func=cmd_check)
 
     lst = sub.add_parser("list", help="list registered components")

@@ -137,6 +137,7 @@ class Suite:
     cells: tuple[Cell, ...]
     source_text: str
     hash: str
+    budget: str = "full"
 
     def work_items(self) -> int:
         return sum(len(c.attacks) for c in self.cells)
@@ -337,29 +338,72 @@ ATTACK_EXTRA_KEYS = ("labels", "timeout_s")
 THRESHOLD_METRICS = ("psnr_db", "ssim", "lpips")
 
 
-def load_suite(path: str | Path) -> Suite:
+BUDGETS = ("full", "smoke")
+# The smoke budget keeps a suite's structure and shrinks its work: it checks that every
+# cell runs, in minutes on a CPU; its numbers say nothing about leakage.
+SMOKE_IMAGES = 2
+SMOKE_CAPS = {"iterations": 4, "restarts": 1, "epochs": 1, "trials": 1}
+
+
+def load_suite(path: str | Path, *, budget: str = "full") -> Suite:
     """Read and validate a suite file; raises ``SuiteError`` listing every problem."""
     path = Path(path)
     if not path.is_file():
         raise SuiteError(str(path), [("", "no such file; give the path of a suite TOML file (see suites/)")])
     text = path.read_text(encoding="utf-8")
-    return parse_suite(text, source=str(path))
+    return parse_suite(text, source=str(path), budget=budget)
 
 
-def parse_suite(text: str, *, source: str = "<suite>") -> Suite:
+def parse_suite(text: str, *, source: str = "<suite>", budget: str = "full") -> Suite:
+    if budget not in BUDGETS:
+        raise SuiteError(source, [("", f"unknown budget {budget!r}{did_you_mean(budget, BUDGETS)}; one of {', '.join(BUDGETS)}")])
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SuiteError(source, [("", f"not valid TOML: {err}")]) from None
-    return _validate(raw, text=text, source=source)
+    if budget == "smoke":
+        raw = _smoke(raw)
+    return _validate(raw, text=text, source=source, budget=budget)
 
 
-def _validate(raw: dict, *, text: str, source: str) -> Suite:
+def _cap(table: Any) -> Any:
+    """Caps the work parameters of a table (and of tables nested in it), leaving bad types for validation."""
+    if isinstance(table, list):
+        return [_cap(t) for t in table]
+    if not isinstance(table, dict):
+        return table
+    out = {}
+    for key, value in table.items():
+        cap = SMOKE_CAPS.get(key)
+        if cap is not None and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = min(value, cap)
+        else:
+            out[key] = _cap(value) if isinstance(value, (dict, list)) else value
+    return out
+
+
+def _smoke(raw: dict) -> dict:
+    raw = dict(raw)
+    suite = raw.get("suite")
+    if isinstance(suite, dict):
+        suite = dict(suite)
+        if isinstance(suite.get("images"), int) and not isinstance(suite.get("images"), bool):
+            suite["images"] = min(suite["images"], SMOKE_IMAGES)
+        if isinstance(suite.get("trials"), int) and not isinstance(suite.get("trials"), bool):
+            suite["trials"] = 1
+        raw["suite"] = suite
+    if "case" in raw:
+        raw["case"] = _cap(raw["case"])
+    return raw
+
+
+def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Suite:
     # Imported here so that `bench.suite` stays importable without pulling every component.
     from bench import components
 
     reg = components.registries()
     c = _Checker()
+    c.budget = budget  # components whose expansion depends on the budget (batteries) read it here
     c.table(raw, "", allowed=("suite", "threat_model", "dataset", "case"), required=("suite", "dataset", "case"))
 
     s = c.table(raw.get("suite", {}), "suite", allowed=SUITE_KEYS, required=("name",))
@@ -444,14 +488,14 @@ def _validate(raw: dict, *, text: str, source: str) -> Suite:
                     image_indices=tuple(chosen[b * bs:(b + 1) * bs]), trial=t, attacks=attacks,
                 ))
     identity = {
-        "name": name, "seed": seed, "threat": [threat.labels, threat.bn_stats],
+        "name": name, "seed": seed, "budget": budget, "threat": [threat.labels, threat.bn_stats],
         "threshold": [threshold.metric, threshold.value],
         "cells": [[cell.key, [a.key for a in cell.attacks]] for cell in cells],
     }
     return Suite(
         name=name, description=description, seed=seed, images=images, trials=trials, threat=threat,
         leak_threshold=threshold, dataset=dataset_spec, cells=tuple(cells), source_text=text,
-        hash=short_hash(identity),
+        hash=short_hash(identity), budget=budget,
     )
 
 
@@ -511,6 +555,7 @@ def suite_summary(suite: Suite) -> dict[str, Any]:
     return {
         "name": suite.name,
         "hash": suite.hash,
+        "budget": suite.budget,
         "cells": len(suite.cells),
         "attack_runs": suite.work_items(),
         "dataset": suite.dataset.label(),

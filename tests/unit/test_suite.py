@@ -139,3 +139,19 @@ def test_shipped_suites_validate():
 
     for path in sorted(Path(__file__).resolve().parents[2].joinpath("suites").glob("*.toml")):
         assert load_suite(path).cells, path
+
+
+def test_smoke_budget_shrinks_work_but_keeps_structure():
+    text = GOOD.replace("iterations = 5", "iterations = 500\nrestarts = 8")
+    full = parse_suite(text)
+    smoke = parse_suite(text, budget="smoke")
+    assert smoke.budget == "smoke" and smoke.hash != full.hash
+    params = dict(smoke.cells[0].attacks[0].params)
+    assert params["iterations"] == 4 and params["restarts"] == 1
+    assert sum(len(c.image_indices) for c in smoke.cells) == 2
+    assert {c.victim.name for c in smoke.cells} == {c.victim.name for c in full.cells}
+    with pytest.raises(SuiteError, match="unknown budget"):
+        parse_suite(text, budget="tiny")
+    # bad types are still reported, not hidden by the caps
+    with pytest.raises(SuiteError, match="must be int"):
+        parse_suite(text.replace("iterations = 500", 'iterations = "500"'), budget="smoke")
