@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 SUITE ?= suites/quick.toml
 OUT ?= results/quick
 
-.PHONY: run test check bench clean-results
+# The reference suites whose leaderboards are committed under reports/leaderboards/<suite>/.
+# Add a suite here when it becomes a reference; `make leaderboards` reruns only what its store lacks.
+REFERENCE_SUITES ?= suites/quick.toml
+
+.PHONY: run test check bench clean-results leaderboards
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +31,18 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -o addopts="" tests/perf --benchmark-only -q
+
+# Runs each reference suite into results/<suite> (resuming from its store), then copies its
+# leaderboard (CSV, Markdown, HTML) into reports/leaderboards/<suite>/ to be committed.
+leaderboards: $(STAMP)
+	@set -e; for suite in $(REFERENCE_SUITES); do \
+		name=$$(basename $$suite .toml); \
+		$(BIN)/leakbench run $$suite --out results/$$name -q > /dev/null; \
+		mkdir -p reports/leaderboards/$$name; \
+		cp results/$$name/leaderboard.csv results/$$name/leaderboard.md results/$$name/leaderboard.html \
+			reports/leaderboards/$$name/; \
+		echo "reports/leaderboards/$$name: leaderboard.{csv,md,html} from results/$$name"; \
+	done
 
 clean-results:
 	rm -rf results

@@ -1,4 +1,4 @@
-"""`leakbench run | check | list | report`: the command line owns output and progress bars."""
+"""`leakbench run | check | list | report | compare | certify`: the command line owns output and progress bars."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def _report(store: Path, out: Path, *, suite_hash: str | None) -> int:
         results = reports.load_results(store, suite_hash=suite_hash)
         paths = reports.write_reports(store, out, suite_hash=results.suite_hash)
         board = reports.leaderboard(results)
-    except StoreError as err:
+    except (StoreError, reports.ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(reports.to_markdown(board, results=results))
@@ -129,6 +129,91 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     return _report(store_path(out), out, suite_hash=args.suite_hash)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 0 when no row's leakage grew beyond the tolerance, 1 when one did, 2 on bad input."""
+    import reports
+    from reports.compare import Tolerance, compare, comparison_markdown
+
+    new_store = args.new if args.new is not None else args.base
+    if args.new is None and (args.base_hash is None or args.new_hash is None):
+        print("error: give two stores (leakbench compare BASE NEW), or one store with --base-hash and --new-hash "
+              "to compare two suites stored in it", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        tolerance = Tolerance(psnr_db=args.tolerance_db, leak_rate=args.tolerance_leak_rate, alpha=args.alpha)
+        base = reports.load_results(args.base, suite_hash=args.base_hash)
+        new = reports.load_results(new_store, suite_hash=args.new_hash)
+        comparison = compare(base, new, tolerance=tolerance)
+    except reports.ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not comparison.compared and len(base.rows) and len(new.rows):
+        print("error: no (victim, defense, protocol) row of BASE matches one of NEW, so nothing was compared; "
+              "compare results of the same suite", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    markdown = comparison_markdown(comparison)
+    if args.output:
+        Path(args.output).write_text(markdown, encoding="utf-8")
+    print(markdown)
+    return EXIT_OK if comparison.ok else EXIT_FAILED
+
+
+def _missing_work(suite, store_file: Path) -> int:
+    """(cell, attack) pairs of ``suite`` that the store does not hold yet."""
+    from bench.store import Store
+
+    if not store_file.exists():
+        return suite.work_items()
+    with Store(store_file, readonly=True) as store:
+        done = store.done(suite.hash)
+    return sum(1 for cell in suite.cells for attack in cell.attacks if (cell.key, attack.key) not in done)
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    """Exit 0 when every (victim, defense) passes, 1 when one fails, 2 on bad input."""
+    try:
+        from reports.certify import Limits
+
+        limits = Limits(max_psnr_db=args.max_psnr, max_leak_rate=args.max_leak_rate, max_ssim=args.max_ssim,
+                        min_lpips=args.min_lpips, allow_failures=args.allow_failures)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    suite = _load(args.suite)
+    if suite is None:
+        return EXIT_BAD_INPUT
+    import reports
+    from bench.store import StoreError, store_path
+    from reports.certify import certificate_markdown, certify, write_certificate
+
+    out = Path(args.out) if args.out else _default_out(args.suite)
+    try:
+        missing = _missing_work(suite, store_path(out))
+        if missing and args.no_run:
+            print(f"error: the store under {out} lacks {missing} attack run(s) of suite {suite.name!r} "
+                  f"(hash {suite.hash}); run it first (leakbench run {args.suite} --out {out}) or leave out --no-run",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if missing:
+            from bench.runner import run_suite
+
+            print(f"{missing} attack run(s) of suite {suite.name!r} are not in {out}; running them", file=sys.stderr)
+            run_suite(suite, out_dir=out, device=args.device, progress=TqdmProgress(enabled=not args.quiet),
+                      argv=shlex.join(sys.argv))
+        results = reports.load_results(store_path(out), suite_hash=suite.hash)
+        certificate = certify(results, limits=limits, evidence_images=args.evidence)
+    except (StoreError, reports.ReportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished work is kept in {out}. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    markdown_path, html_path = write_certificate(certificate, out)
+    print(certificate_markdown(certificate))
+    print(f"certificate: {markdown_path} and {html_path}")
+    return EXIT_OK if certificate.passed else EXIT_FAILED
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -184,6 +269,43 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="directory holding leakbench.sqlite; reports are written there")
     rep.add_argument("--suite-hash", help="which suite in the store (default: the latest run's)")
     rep.set_defaults(func=cmd_report)
+
+    cmp = sub.add_parser(
+        "compare", help="did leakage grow? per (victim, defense), base vs new with significance tests; exit 1 if so",
+        description="Compare the worst cases of two stores (BASE NEW), or of two suites in one store (BASE "
+                    "--base-hash H1 --new-hash H2). Prints Markdown for a pull-request comment. Exit 0: no row's "
+                    "leakage grew beyond the tolerance; 1: one did; 2: bad input.")
+    cmp.add_argument("base", help="store directory (or leakbench.sqlite) of the base results")
+    cmp.add_argument("new", nargs="?", help="store directory of the new results (default: BASE, with two hashes)")
+    cmp.add_argument("--base-hash", help="suite hash in BASE (default: its latest run's)")
+    cmp.add_argument("--new-hash", help="suite hash in NEW (default: its latest run's)")
+    cmp.add_argument("--tolerance-db", type=float, default=1.0,
+                     help="tolerated growth of the mean worst-case PSNR, dB (default 1.0)")
+    cmp.add_argument("--tolerance-leak-rate", type=float, default=0.10,
+                     help="tolerated growth of the leak rate, as a share (default 0.10 = 10 points)")
+    cmp.add_argument("--alpha", type=float, default=0.05,
+                     help="a change counts only when its two-sided p-value is below this (default 0.05)")
+    cmp.add_argument("--output", help="also write the Markdown to this file")
+    cmp.set_defaults(func=cmd_compare)
+
+    cert = sub.add_parser(
+        "certify", help="pass/fail per (victim, defense) against leakage limits; runs the suite if needed; exit 1 on fail",
+        description="Certify a suite's rows against leakage limits, reading the store under --out and running the "
+                    "(cell, attack) pairs it lacks. Writes certificate.md (evidence PNGs under certificate/) and "
+                    "certificate.html there. Exit 0: every row passes; 1: a row fails; 2: bad input.")
+    cert.add_argument("suite", help="path of a suite TOML file")
+    cert.add_argument("--out", help="directory of the store and certificate (default: results/<suite name>)")
+    cert.add_argument("--max-psnr", type=float, help="every image's worst-case PSNR must be at most this, dB")
+    cert.add_argument("--max-leak-rate", type=float, help="the leak rate (at the suite's threshold) must be at most this share")
+    cert.add_argument("--max-ssim", type=float, help="every image's worst-case SSIM must be at most this")
+    cert.add_argument("--min-lpips", type=float, help="every image's worst-case LPIPS must be at least this")
+    cert.add_argument("--allow-failures", action="store_true",
+                      help="pass rows with failed attack runs (they count as no leak); by default they fail as inconclusive")
+    cert.add_argument("--evidence", type=int, default=3, help="most-leaking images shown per row (default 3)")
+    cert.add_argument("--no-run", action="store_true", help="never run attacks: exit 2 if the store lacks some")
+    cert.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cert.set_defaults(func=cmd_certify)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Leaderboards and the HTML report, computed from a leakbench store alone.
+"""Leaderboards, the HTML report, regression tracking and certification, from a leakbench store alone.
 
 This package never imports torch: a report can be rebuilt on any machine from the
 ``leakbench.sqlite`` file of a run. See reports/README.md for what each file shows.
@@ -11,6 +11,7 @@ from reports.leaderboard import (
     ResultSet,
     Threshold,
     bootstrap_mean_interval,
+    consistency_warnings,
     leaderboard,
     load_results,
     per_image_worst,
@@ -24,6 +25,7 @@ __all__ = [
     "ResultSet",
     "Threshold",
     "bootstrap_mean_interval",
+    "consistency_warnings",
     "leaderboard",
     "load_results",
     "per_image_worst",

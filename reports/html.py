@@ -25,13 +25,19 @@ from reports.leaderboard import (
     BOOTSTRAP_RESAMPLES,
     CONFIDENCE_LEVEL,
     GROUP_COLUMNS,
+    ORACLE_VALUES,
     PSNR_CAP_DB,
+    THREAT_MODEL_DEFAULTS,
     ResultSet,
+    consistency_warnings,
+    flag_counts,
     leaderboard,
     load_results,
+    optional_columns,
     per_image_worst,
     to_markdown,
 )
+from reports.plots import report_plots
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +161,13 @@ def render_leaderboard_html(results: ResultSet, *, board: pd.DataFrame | None = 
 
 def render_report(
     results: ResultSet, *, board: pd.DataFrame | None = None, max_images_per_group: int | None = None,
+    plots: bool = True,
 ) -> str:
-    """The full report: header, provenance, metric notes, leaderboard, reconstruction grids.
+    """The full report: header, provenance, metric notes, leaderboard, plots, reconstruction grids.
 
     ``max_images_per_group`` keeps only the images with the highest worst-case PSNR of
     each group (the ones that matter to an auditor) when a suite has too many to inline.
+    ``plots`` False leaves the figures out (they take a second or two of matplotlib).
     """
     board = leaderboard(results) if board is None else board
     images = per_image_worst(results)
@@ -171,13 +179,53 @@ def render_report(
         **_common(results, board),
         grids=grids,
         runs=runs,
+        provenance=_provenance_summary(runs, wrote=set(results.rows["run_id"]) if len(results.rows) else set()),
         threat_models=results.threat_models,
+        threat_settings=_threat_settings(results),
         status_counts=results.status_counts,
+        flags=flag_counts(results),
         lpips_notes=lpips_notes,
         confidence=CONFIDENCE_LEVEL,
         resamples=BOOTSTRAP_RESAMPLES,
+        plots=report_plots(results, board, images) if plots else [],
         suite_text=str(results.runs["suite_text"].iloc[-1]),
     )
+
+
+def _threat_settings(results: ResultSet) -> list[dict[str, Any]]:
+    """Every threat-model setting with its value and whether it grants oracle knowledge."""
+    settings = []
+    for name, value in results.suite_threat_model.items():
+        known = name in THREAT_MODEL_DEFAULTS
+        settings.append({
+            "name": name, "value": value, "default": value == THREAT_MODEL_DEFAULTS.get(name),
+            "oracle": known and value == ORACLE_VALUES.get(name),
+            "unknown": not known,
+        })
+    return settings
+
+
+def _provenance_summary(runs: list[dict[str, Any]], *, wrote: set[Any]) -> dict[str, Any]:
+    """The runs at a glance: how many, when, which commits, devices and leakbench versions.
+
+    Only the runs that wrote rows count here (a rerun of a finished suite writes none); the
+    provenance table lists every run.
+    """
+    def distinct(values: Any) -> list[str]:
+        return [str(v) for v in dict.fromkeys(v for v in values if not _missing(v))]
+
+    recorded = len(runs)
+    runs = [r for r in runs if r["run_id"] in wrote] or runs
+    return {
+        "recorded": recorded,
+        "runs": len(runs),
+        "first": min((r["started_utc"] for r in runs), default=None),
+        "last": max((r["ended_utc"] or r["started_utc"] for r in runs), default=None),
+        "commits": distinct(r["git_commit"] or "unknown" for r in runs),
+        "devices": distinct(r["device"] for r in runs),
+        "leakbench": distinct(dict(r["versions"]).get("leakbench") for r in runs),
+        "torch": distinct(dict(r["versions"]).get("torch") for r in runs),
+    }
 
 
 def _common(results: ResultSet, board: pd.DataFrame) -> dict[str, Any]:
@@ -186,6 +234,9 @@ def _common(results: ResultSet, board: pd.DataFrame) -> dict[str, Any]:
         "suite_name": results.suite_name,
         "suite_hash": results.suite_hash,
         "threshold": results.threshold,
+        "batteries": results.batteries,
+        "warnings": consistency_warnings(results),
+        "show": optional_columns(board),
         "board": board.to_dict("records"),
         "attacks": attacks,
         "any_oracle_labels": bool(board["oracle_labels"].any()) if len(board) else False,
@@ -285,7 +336,7 @@ def _tile(row: dict[str, Any], image: dict[str, Any], *, results: ResultSet, sto
 
 def write_reports(
     store_path: str | Path, out_dir: str | Path, *, suite_hash: str | None = None,
-    max_images_per_group: int | None = None,
+    max_images_per_group: int | None = None, plots: bool = True,
 ) -> ReportPaths:
     """Write leaderboard.csv, leaderboard.md, leaderboard.html and report.html into ``out_dir``.
 
@@ -306,7 +357,7 @@ def write_reports(
     paths.markdown.write_text(to_markdown(board, results=results), encoding="utf-8")
     paths.leaderboard_html.write_text(render_leaderboard_html(results, board=board), encoding="utf-8")
     paths.report_html.write_text(
-        render_report(results, board=board, max_images_per_group=max_images_per_group), encoding="utf-8")
+        render_report(results, board=board, max_images_per_group=max_images_per_group, plots=plots), encoding="utf-8")
     log.info("reports of suite %s (%s, %d rows) written to %s", results.suite_name, results.suite_hash,
              len(results.rows), out)
     return paths

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +37,11 @@ CONFIDENCE_LEVEL: float = 0.95
 THRESHOLD_METRICS = ("psnr_db", "ssim", "lpips")
 FAILED_STATUSES = ("error", "timeout", "oom")
 STATUSES = ("ok", *FAILED_STATUSES)
+NO_BATTERY = "none (attacks listed in the suite)"
+# The threat model's settings and their defaults (bench.core.ThreatModel); the other values
+# grant the attacker oracle knowledge and are marked in every output.
+THREAT_MODEL_DEFAULTS: dict[str, Any] = {"labels": "recovered", "bn_stats": "none"}
+ORACLE_VALUES: dict[str, str] = {"labels": "known", "bn_stats": "shared"}
 
 # A leaderboard row is one (victim, defense, protocol). The protocol is part of the key so
 # that two cases that differ only in batch size or FL protocol are never averaged together;
@@ -99,6 +106,31 @@ class ResultSet:
         pairs = self.rows[["threat_labels", "threat_bn_stats"]].drop_duplicates()
         return [(str(a), str(b)) for a, b in pairs.itertuples(index=False)]
 
+    @property
+    def batteries(self) -> list[str]:
+        """Distinct batteries of the rows, in order; ``NO_BATTERY`` for attacks listed in the suite itself."""
+        return list(dict.fromkeys(_battery_name(b) for b in self.rows["battery"]))
+
+    @property
+    def suite_threat_model(self) -> dict[str, Any]:
+        """Every setting of the suite's ``[threat_model]`` table, defaults filled in (latest run's suite file).
+
+        Settings this version of the report does not know are kept as they are, so a new
+        oracle setting is still shown, never hidden. The cells' own columns win for the
+        settings they record, since they are what ran.
+        """
+        settings: dict[str, Any] = dict(THREAT_MODEL_DEFAULTS)
+        try:
+            table = tomllib.loads(str(self.runs["suite_text"].iloc[-1])).get("threat_model", {})
+        except (tomllib.TOMLDecodeError, IndexError, KeyError):
+            table = {}
+        if isinstance(table, dict):
+            settings.update(table)
+        cells = self.threat_models
+        if len(cells) == 1:
+            settings["labels"], settings["bn_stats"] = cells[0]
+        return settings
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -135,7 +167,7 @@ def load_results(store_path: str | Path, *, suite_hash: str | None = None) -> Re
     if len(thresholds) > 1:
         log.warning("runs of suite %s disagree on the leak threshold %s; using the latest run's", suite_hash,
                     sorted(thresholds))
-    threshold = Threshold(latest["leak_metric"], float(latest["leak_value"]))
+    threshold = Threshold(str(latest["leak_metric"]), float(latest["leak_value"]))
     if threshold.metric not in THRESHOLD_METRICS:
         raise ReportError(f"unknown leak metric {threshold.metric!r} in {path}; expected one of {THRESHOLD_METRICS}")
     return ResultSet(rows=_prepare(rows), runs=runs_frame, suite_name=str(latest["suite_name"]),
@@ -200,7 +232,7 @@ def per_image_worst(results: ResultSet) -> pd.DataFrame:
     """One row per (victim, defense, protocol, image_id): the image's worst case for privacy.
 
     Worst case = best reconstruction over every attack and trial of ok rows: max PSNR,
-    max SSIM, min LPIPS, each taken independently. ``best_*`` name the row with the
+    max SSIM, min LPIPS, max label accuracy, each taken independently. ``best_*`` name the row with the
     highest PSNR (the one the report shows first). An image whose every row failed has
     NaN metrics and ``leaked`` False; ``leaked`` is <NA> when the image has ok rows but
     none carries the threshold's metric (e.g. LPIPS unavailable), since then nobody knows.
@@ -213,7 +245,8 @@ def per_image_worst(results: ResultSet) -> pd.DataFrame:
         true_label=("true_label", "first"), rows=("status", "size"),
         ok_rows=("status", lambda s: int((s == "ok").sum())))
     worst = ok.groupby(keys, sort=False, dropna=False).agg(
-        worst_psnr_db=("psnr_db", "max"), worst_ssim=("ssim", "max"), worst_lpips=("lpips", "min"))
+        worst_psnr_db=("psnr_db", "max"), worst_ssim=("ssim", "max"), worst_lpips=("lpips", "min"),
+        worst_label_accuracy=("label_accuracy", "max"))
     # The row behind the best PSNR: a stable sort keeps the first of equal values, like idxmax.
     best = (ok[ok["psnr_db"].notna()].sort_values("psnr_db", ascending=False, kind="stable")
             .drop_duplicates(keys).set_index(keys)[["attack_label", "attack_key", "trial", "cell_key", "image_slot"]]
@@ -221,11 +254,12 @@ def per_image_worst(results: ResultSet) -> pd.DataFrame:
     frame = every.join(worst).join(best).reset_index().rename(columns=_GROUP_OUT)
     frame["failed_rows"] = frame["rows"] - frame["ok_rows"]
     frame["leaked"] = _leaked(frame, threshold)
-    columns = [*_GROUP_OUT.values(), "image_id", "true_label", "worst_psnr_db", "worst_ssim", "worst_lpips", "leaked",
+    columns = [*_GROUP_OUT.values(), "image_id", "true_label", "worst_psnr_db", "worst_ssim", "worst_lpips",
+               "worst_label_accuracy", "leaked",
                "best_attack", "best_attack_key", "best_trial", "best_cell_key", "best_image_slot", "rows", "ok_rows",
                "failed_rows"]
     frame = frame.reindex(columns=columns)
-    for column in ("worst_psnr_db", "worst_ssim", "worst_lpips"):
+    for column in ("worst_psnr_db", "worst_ssim", "worst_lpips", "worst_label_accuracy"):
         frame[column] = frame[column].astype(float)
     for column in ("true_label", "rows", "ok_rows", "failed_rows"):
         frame[column] = frame[column].astype(int)
@@ -248,26 +282,33 @@ def _leaked(images: pd.DataFrame, threshold: Threshold) -> pd.Series:
 
 
 def bootstrap_mean_interval(
-    values: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = CONFIDENCE_LEVEL,
-    seed: int = BOOTSTRAP_SEED,
+    values: np.ndarray, *, weights: np.ndarray | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = CONFIDENCE_LEVEL, seed: int = BOOTSTRAP_SEED,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over images.
 
-    The seed is fixed so the same store always gives the same interval, whatever was
-    computed before (no global RNG). Resamples are drawn in chunks to bound memory.
+    ``weights`` (one per image) make it the interval of a pooled mean: with ``values`` the
+    per-image means of an image's rows and ``weights`` their row counts, each resample's
+    statistic is the mean over the rows of the resampled images, so an average over rows
+    still resamples *images*, the independent unit. The seed is fixed so the same store
+    always gives the same interval, whatever was computed before (no global RNG).
+    Resamples are drawn in chunks to bound memory.
     """
     values = np.asarray(values, dtype=float)
+    w = np.ones_like(values) if weights is None else np.asarray(weights, dtype=float)
     n = len(values)
     if n == 0:
         return math.nan, math.nan
-    if n == 1:
+    if n == 1 or np.all(values == values[0]):
         return float(values[0]), float(values[0])
     rng = np.random.default_rng(seed)
     chunk = max(1, min(resamples, 1_000_000 // n))
+    weighted = values * w
     means = []
     for start in range(0, resamples, chunk):
         size = min(chunk, resamples - start)
-        means.append(values[rng.integers(0, n, size=(size, n))].mean(axis=1))
+        index = rng.integers(0, n, size=(size, n))
+        means.append(weighted[index].sum(axis=1) / w[index].sum(axis=1))
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(np.concatenate(means), [tail, 1.0 - tail])
     return float(lo), float(hi)
@@ -278,12 +319,45 @@ def attack_column(label: str) -> str:
     return f"psnr_db[{label}]"
 
 
+def defense_info_column(key: str) -> str:
+    """The leaderboard column of a number a defense reports that has no column of its own."""
+    return f"defense_info[{key}]"
+
+
+# The columns that get a 95% interval (``<name>_lo``, ``<name>_hi``): every worst-case and
+# average column, and the leak rate.
+WORST_COLUMNS = ("worst_psnr_db", "worst_ssim", "worst_lpips", "worst_label_accuracy")
+AVERAGE_COLUMNS = {"avg_psnr_db": "psnr_db", "avg_ssim": "ssim", "avg_lpips": "lpips",
+                   "label_accuracy": "label_accuracy"}
+INTERVAL_COLUMNS = (*WORST_COLUMNS, *AVERAGE_COLUMNS, "leak_rate")
+
+# Keys of cells.defense_info_json that have a column of their own (the others land in
+# ``defense_info[<key>]`` columns when numeric, and in ``defense_notes`` always). Without an
+# ``epsilon`` key, ``epsilon`` is the largest ``epsilon_<accountant>`` (e.g. rdp, prv).
+DEFENSE_NUMBER_COLUMNS = ("epsilon", "delta", "utility_cosine")
+# Over the cells of a row, the privacy budget takes the weakest guarantee (largest ε, δ);
+# other numbers are averaged.
+_DEFENSE_WORST_OF = ("epsilon", "delta")
+
+
+def _with_interval(name: str) -> tuple[str, str, str]:
+    return name, f"{name}_lo", f"{name}_hi"
+
+
 BOARD_COLUMNS = (
-    "victim", "defense", "protocol", "batch_size", "images",
-    "worst_psnr_db", "worst_psnr_db_lo", "worst_psnr_db_hi", "worst_ssim", "worst_lpips",
-    "avg_psnr_db", "avg_ssim", "avg_lpips", "label_accuracy",
-    "leak_rate", "leaked_images", "rows", "failed_rows", "oracle_labels", "shared_bn_stats", "lpips_note",
+    "victim", "defense", "protocol", "batch_size", "images", "cells",
+    *(c for name in WORST_COLUMNS for c in _with_interval(name)),
+    *(c for name in AVERAGE_COLUMNS for c in _with_interval(name)),
+    *_with_interval("leak_rate"), "leaked_images", "leak_threshold",
+    *DEFENSE_NUMBER_COLUMNS, "defense_notes", "victim_state", "victim_test_accuracy", "victim_notes",
+    "rows", "failed_rows", "failed_cells", "flagged_rows", "flagged_cells", "flags",
+    "battery", "oracle_labels", "shared_bn_stats", "lpips_note",
 )
+_INT_COLUMNS = ("batch_size", "images", "cells", "leaked_images", "rows", "failed_rows", "failed_cells",
+                "flagged_rows", "flagged_cells")
+_TEXT_COLUMNS = ("victim", "defense", "protocol", "leak_threshold", "defense_notes", "victim_state",
+                 "victim_notes", "flags", "battery", "lpips_note")
+_BOOL_COLUMNS = ("oracle_labels", "shared_bn_stats")
 
 
 def leaderboard(results: ResultSet) -> pd.DataFrame:
@@ -291,59 +365,98 @@ def leaderboard(results: ResultSet) -> pd.DataFrame:
 
     ``worst_*`` are means over images of each image's worst case (images whose every row
     failed have none and are left out of those means, but stay in ``images`` and in the
-    leak rate's denominator). ``avg_*`` are means over all ok rows. ``psnr_db[<attack>]``
-    is each attack's own worst case (over trials), so a reader sees which attack leads.
-    ``leak_rate`` is NaN when the threshold's metric is missing (LPIPS unavailable).
+    leak rate's denominator). ``avg_*`` and ``label_accuracy`` are means over all ok rows.
+    Each has a 95% percentile bootstrap interval over images (``_lo``, ``_hi``).
+    ``psnr_db[<attack>]`` is each attack's own worst case (over trials), so a reader sees
+    which attack leads. ``leak_rate`` is NaN when the threshold's metric is missing (LPIPS
+    unavailable). Defense numbers (ε, utility), the victim's training state and test
+    accuracy, sanity flags and failed cells come from the cells' and rows' JSON columns.
     """
     rows = results.rows
     images = per_image_worst(results)
     attacks = results.attack_labels
     images_by_group = dict(iter(images.groupby(list(_GROUP_OUT.values()), sort=False)))
     records = []
+    extra_defense_keys: dict[str, None] = {}
     for key, group in rows.groupby(list(GROUP_COLUMNS), sort=False):
         group_images = images_by_group[key]
         ok = group[group["status"] == "ok"]
-        worst_psnr = group_images["worst_psnr_db"].dropna().to_numpy()
-        lo, hi = bootstrap_mean_interval(worst_psnr)
-        leaked = group_images["leaked"]
-        record = dict(zip(_GROUP_OUT.values(), key))
+        cells = group.drop_duplicates("cell_key")
+        record: dict[str, Any] = dict(zip(_GROUP_OUT.values(), key))
         record.update(
             batch_size=int(group["batch_size"].max()),  # the protocol's size; a last, partial batch may be smaller
             images=len(group_images),
-            worst_psnr_db=_mean(group_images["worst_psnr_db"]),
-            worst_psnr_db_lo=lo,
-            worst_psnr_db_hi=hi,
-            worst_ssim=_mean(group_images["worst_ssim"]),
-            worst_lpips=_mean(group_images["worst_lpips"]),
-            avg_psnr_db=_mean(ok["psnr_db"]),
-            avg_ssim=_mean(ok["ssim"]),
-            avg_lpips=_mean(ok["lpips"]),
-            label_accuracy=_mean(ok["label_accuracy"]),
-            leak_rate=math.nan if leaked.isna().any() or len(leaked) == 0 else float(leaked.sum()) / len(leaked),
-            leaked_images=int(leaked.fillna(False).sum()),
+            cells=len(cells),
+        )
+        for column in WORST_COLUMNS:
+            values = group_images[column].dropna().to_numpy()
+            record[column] = float(values.mean()) if len(values) else math.nan
+            record[f"{column}_lo"], record[f"{column}_hi"] = bootstrap_mean_interval(values)
+        for column, metric in AVERAGE_COLUMNS.items():
+            record[column], record[f"{column}_lo"], record[f"{column}_hi"] = _pooled_mean(ok, metric)
+        record.update(_leak_rate(group_images["leaked"]))
+        record["leak_threshold"] = results.threshold.describe()
+        defense = _defense_info(cells["defense_info_json"])
+        extra_defense_keys.update(dict.fromkeys(k for k in defense if k not in DEFENSE_NUMBER_COLUMNS
+                                                and k != "defense_notes"))
+        record.update(defense)
+        record.update(_victim_info(cells["victim_info_json"]))
+        failed = group[group["status"] != "ok"]
+        row_flags = [_flag_names(text) for text in group["flags_json"]]
+        cell_flags = [_flag_names(text) for text in cells["cell_flags_json"]]
+        record.update(
             rows=len(group),
-            failed_rows=int((group["status"] != "ok").sum()),
-            oracle_labels=bool((group["threat_labels"] == "known").any()),
-            shared_bn_stats=bool((group["threat_bn_stats"] == "shared").any()),
+            failed_rows=len(failed),
+            failed_cells=int(failed["cell_key"].nunique()),
+            flagged_rows=sum(1 for names in row_flags if names),
+            flagged_cells=sum(1 for names in cell_flags if names),
+            flags=_flag_summary(row_flags, cell_flags),
+            battery=", ".join(dict.fromkeys(_battery_name(b) for b in group["battery"])),
+            oracle_labels=bool((group["threat_labels"] == ORACLE_VALUES["labels"]).any()),
+            shared_bn_stats=bool((group["threat_bn_stats"] == ORACLE_VALUES["bn_stats"]).any()),
             lpips_note=_lpips_note(ok),
         )
         for label in attacks:
             by_attack = ok[ok["attack_label"] == label]
             record[attack_column(label)] = _mean(by_attack.groupby("image_id")["psnr_db"].max())
         records.append(record)
-    columns = [*BOARD_COLUMNS, *(attack_column(a) for a in attacks)]
+    extra = [defense_info_column(k) for k in extra_defense_keys]
+    for record in records:
+        for k in extra_defense_keys:
+            record[defense_info_column(k)] = record.pop(k, math.nan)
+    columns = [*BOARD_COLUMNS, *extra, *(attack_column(a) for a in attacks)]
     board = pd.DataFrame.from_records(records, columns=columns)
-    float_columns = [c for c in columns if c.startswith(("worst_", "avg_", "psnr_db[")) or c in ("label_accuracy", "leak_rate")]
+    float_columns = [c for c in columns if c not in (*_INT_COLUMNS, *_TEXT_COLUMNS, *_BOOL_COLUMNS)]
     board[float_columns] = board[float_columns].astype(float)
-    board[["batch_size", "images", "leaked_images", "rows", "failed_rows"]] = board[
-        ["batch_size", "images", "leaked_images", "rows", "failed_rows"]].astype(int)
-    board[["oracle_labels", "shared_bn_stats"]] = board[["oracle_labels", "shared_bn_stats"]].astype(bool)
+    board[list(_INT_COLUMNS)] = board[list(_INT_COLUMNS)].astype(int)
+    board[list(_BOOL_COLUMNS)] = board[list(_BOOL_COLUMNS)].astype(bool)
+    board[list(_TEXT_COLUMNS)] = board[list(_TEXT_COLUMNS)].fillna("").astype(str)
     return board
 
 
 def _mean(values: pd.Series) -> float:
     values = values.dropna()
     return float(values.mean()) if len(values) else math.nan
+
+
+def _pooled_mean(ok: pd.DataFrame, metric: str) -> tuple[float, float, float]:
+    """Mean of ``metric`` over ok rows, and its interval resampling images (not rows)."""
+    present = ok[ok[metric].notna()]
+    if present.empty:
+        return math.nan, math.nan, math.nan
+    per_image = present.groupby("image_id", sort=False)[metric].agg(["mean", "size"])
+    lo, hi = bootstrap_mean_interval(per_image["mean"].to_numpy(), weights=per_image["size"].to_numpy())
+    return float(present[metric].mean()), lo, hi
+
+
+def _leak_rate(leaked: pd.Series) -> dict[str, Any]:
+    leaked_images = int(leaked.fillna(False).sum())
+    if leaked.isna().any() or len(leaked) == 0:
+        return {"leak_rate": math.nan, "leak_rate_lo": math.nan, "leak_rate_hi": math.nan,
+                "leaked_images": leaked_images}
+    values = leaked.astype(float).to_numpy()
+    lo, hi = bootstrap_mean_interval(values)
+    return {"leak_rate": float(values.mean()), "leak_rate_lo": lo, "leak_rate_hi": hi, "leaked_images": leaked_images}
 
 
 def _lpips_note(ok: pd.DataFrame) -> str:
@@ -357,32 +470,264 @@ def _lpips_note(ok: pd.DataFrame) -> str:
     return f"missing for {len(missing)} of {len(ok)} rows: {reasons}"
 
 
+# --------------------------------------------------------------------------- JSON columns
+
+
+def parse_json(text: Any, default: Any) -> Any:
+    """A JSON column's value, or ``default`` when it is NULL or unreadable (old stores, hand-made rows)."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return default
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return default
+    return default if value is None else value
+
+
+def _flatten(info: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _format_value(value: Any) -> str:
+    if _is_number(value):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _describe_values(key: str, values: list[Any]) -> str:
+    """``key=value``; a number that differs between cells as its mean and range, other values listed."""
+    shown = list(dict.fromkeys(_format_value(v) for v in values))
+    if len(shown) > 1 and all(_is_number(v) for v in values):
+        return f"{key}={_format_value(float(np.mean(values)))} (mean; {_format_value(min(values))}–{_format_value(max(values))})"
+    return f"{key}={' | '.join(shown)}"
+
+
+def _defense_info(texts: pd.Series) -> dict[str, Any]:
+    """Per row: ε, δ and utility as numbers, other numbers under their key, everything as text in ``defense_notes``.
+
+    Keys are read generically: a defense that reports a new number gets a
+    ``defense_info[<key>]`` column and a mention in the notes without a change here.
+    """
+    per_key: dict[str, list[Any]] = {}
+    for text in texts:
+        info = parse_json(text, {})
+        if not isinstance(info, dict):
+            continue
+        for key, value in _flatten(info).items():
+            per_key.setdefault(key, []).append(value)
+    out: dict[str, Any] = {k: math.nan for k in DEFENSE_NUMBER_COLUMNS}
+    notes = []
+    for key, values in per_key.items():
+        numbers = [float(v) for v in values if _is_number(v)]
+        if numbers and len(numbers) == len(values):
+            out[key] = max(numbers) if key in _DEFENSE_WORST_OF else float(np.mean(numbers))
+        if key not in DEFENSE_NUMBER_COLUMNS:
+            notes.append(_describe_values(key, values))
+    if "epsilon" not in per_key:
+        # One ε per accountant (epsilon_rdp, epsilon_prv, ...): the column shows the largest,
+        # the weakest guarantee; each stays in the notes and in its own column.
+        by_accountant = [float(v) for k, vs in per_key.items() if k.startswith("epsilon_") for v in vs
+                         if _is_number(v) and math.isfinite(v)]
+        if by_accountant:
+            out["epsilon"] = max(by_accountant)
+    out["defense_notes"] = "; ".join(notes)
+    return out
+
+
+def _victim_info(texts: pd.Series) -> dict[str, Any]:
+    """The victim's training state and test accuracy (cells.victim_info_json); other keys as text."""
+    states: list[str] = []
+    accuracies: list[float] = []
+    per_key: dict[str, list[Any]] = {}
+    for text in texts:
+        info = parse_json(text, {})
+        if not isinstance(info, dict):
+            continue
+        for key, value in _flatten(info).items():
+            if key == "state":
+                states.append(str(value))
+            elif key == "test_accuracy" and _is_number(value):
+                accuracies.append(float(value))
+            else:
+                per_key.setdefault(key, []).append(value)
+    return {
+        "victim_state": ", ".join(dict.fromkeys(states)),
+        "victim_test_accuracy": float(np.mean(accuracies)) if accuracies else math.nan,
+        "victim_notes": "; ".join(_describe_values(k, v) for k, v in per_key.items()),
+    }
+
+
+def _flag_names(text: Any) -> list[str]:
+    """Names of the sanity flags in a ``flags_json`` value: strings, or objects with a name."""
+    flags = parse_json(text, [])
+    if isinstance(flags, (str, dict)):
+        flags = [flags]
+    if not isinstance(flags, list):
+        return []
+    names = []
+    for flag in flags:
+        if isinstance(flag, dict):
+            names.append(str(flag.get("name") or flag.get("flag") or flag.get("code") or json.dumps(flag, sort_keys=True)))
+        else:
+            names.append(str(flag))
+    return names
+
+
+def _flag_summary(row_flags: list[list[str]], cell_flags: list[list[str]]) -> str:
+    rows = Counter(name for names in row_flags for name in dict.fromkeys(names))
+    cells = Counter(name for names in cell_flags for name in dict.fromkeys(names))
+    parts = [f"{name}: {n} cell(s)" for name, n in cells.items()]
+    parts += [f"{name}: {n} row(s)" for name, n in rows.items()]
+    return "; ".join(parts)
+
+
+def flag_counts(results: ResultSet) -> list[tuple[str, str, int]]:
+    """(flag, 'cell' | 'row', count) over the whole suite, for the report's header."""
+    rows = Counter(n for text in results.rows["flags_json"] for n in dict.fromkeys(_flag_names(text)))
+    cell_texts = results.rows.drop_duplicates("cell_key")["cell_flags_json"]
+    cells = Counter(n for text in cell_texts for n in dict.fromkeys(_flag_names(text)))
+    return [(n, "cell", c) for n, c in cells.items()] + [(n, "row", c) for n, c in rows.items()]
+
+
+def _battery_name(value: Any) -> str:
+    return NO_BATTERY if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) \
+        or value == "" else str(value)
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+def component_versions(results: ResultSet) -> dict[tuple[str, str], list[str]]:
+    """(kind, name) -> the distinct versions found in the rows (attacks, label strategies, victims, defenses, protocols)."""
+    rows = results.rows
+    found: dict[tuple[str, str], dict[str, None]] = {}
+
+    def add(kind: str, name: Any, version: Any) -> None:
+        if version is None or (isinstance(version, float) and math.isnan(version)):
+            return
+        found.setdefault((kind, str(name)), {})[str(version)] = None
+
+    for name, version in rows[["attack", "attack_version"]].drop_duplicates().itertuples(index=False):
+        add("attack", name, version)
+    for name, version in rows[["label_strategy", "label_strategy_version"]].drop_duplicates().itertuples(index=False):
+        add("label strategy", name, version)
+    for kind in ("victim", "defense", "protocol"):
+        for text in rows[f"{kind}_json"].drop_duplicates():
+            identity = parse_json(text, {})
+            if isinstance(identity, dict) and "name" in identity:
+                add(kind, identity["name"], identity.get("version"))
+    return {key: list(versions) for key, versions in found.items()}
+
+
+def consistency_warnings(results: ResultSet) -> list[str]:
+    """Why the rows of this leaderboard may not be comparable; [] when they are.
+
+    A leaderboard mixing batteries, component versions, threat models or leak thresholds
+    compares numbers that were not measured the same way (a resumed run after a version
+    bump is the common case); every output shows these warnings where a reader sees them.
+    """
+    warnings = []
+    batteries = results.batteries
+    if len(batteries) > 1:
+        warnings.append(f"mixes batteries ({', '.join(batteries)}): worst cases taken over different attack "
+                        "sets are not comparable")
+    for (kind, name), versions in component_versions(results).items():
+        if len(versions) > 1:
+            warnings.append(f"mixes versions of {kind} {name!r} ({', '.join(versions)}): rows were computed by "
+                            "different code; run the suite again into a fresh --out directory")
+    threat_models = results.threat_models
+    if len(threat_models) > 1:
+        shown = "; ".join(f"labels={a}, bn_stats={b}" for a, b in threat_models)
+        warnings.append(f"mixes threat models ({shown}): rows granted different oracle knowledge")
+    runs = results.runs
+    if len(runs):
+        thresholds = list(dict.fromkeys(zip(runs["leak_metric"], runs["leak_value"].astype(float))))
+        if len(thresholds) > 1:
+            warnings.append("runs disagree on the leak threshold ("
+                            + ", ".join(Threshold(m, v).describe() for m, v in thresholds)
+                            + f"); leak rates use the latest run's ({results.threshold.describe()})")
+        packages = list(dict.fromkeys(
+            str(parse_json(text, {}).get("leakbench", "unknown")) for text in runs["versions_json"]
+            if isinstance(parse_json(text, {}), dict)))
+        if len(packages) > 1:
+            warnings.append(f"rows come from runs of different leakbench versions ({', '.join(packages)})")
+    return warnings
+
+
 # --------------------------------------------------------------------------- markdown
 
 _MARK_ORACLE_LABELS = "†"
 _MARK_SHARED_BN = "‡"
 _MARK_LPIPS = "¹"
+WARNING_SIGN = "⚠"
+
+
+def optional_columns(board: pd.DataFrame) -> dict[str, bool]:
+    """Which optional columns any row fills: a table shows ε, utility, victim accuracy,
+    defense notes, flags and the battery only when there is something to show (the CSV
+    always has every column)."""
+    def any_number(column: str) -> bool:
+        return bool(len(board)) and bool(board[column].notna().any())
+
+    def any_text(column: str) -> bool:
+        return bool(len(board)) and bool((board[column].astype(str) != "").any())
+
+    return {
+        "epsilon": any_number("epsilon") or any_number("delta"),
+        "utility": any_number("utility_cosine"),
+        "defense_notes": any_text("defense_notes"),
+        "victim": any_text("victim_state") or any_number("victim_test_accuracy"),
+        "flags": bool(len(board)) and bool((board["flagged_rows"] + board["flagged_cells"]).sum() > 0),
+        "battery": any_text("battery") and set(board["battery"]) != {NO_BATTERY},
+    }
 
 
 def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     """A GitHub-flavoured table under a one-line header naming the suite, hash and threshold.
 
     This is the only place where leaderboard numbers get decimals; missing values print as
-    ``n/a`` (never 0), and oracle settings get a marker on the row and in the header.
+    ``n/a`` (never 0), every worst-case and average value carries its 95% interval in
+    brackets, oracle settings get a marker on the row and in the header, and consistency
+    warnings (mixed batteries, versions, threat models) come right under the header.
     """
     attacks = [c for c in board.columns if c.startswith("psnr_db[")]
     oracle = bool(board["oracle_labels"].any()) if len(board) else False
     shared_bn = bool(board["shared_bn_stats"].any()) if len(board) else False
+    show = optional_columns(board)
+    threshold = results.threshold.describe()
     header = (f"**leakbench leaderboard** · suite {_md(results.suite_name)} · hash `{results.suite_hash}` · "
-              f"leak threshold: worst-case {results.threshold.describe()}")
+              f"battery {_md(', '.join(results.batteries) or NO_BATTERY)} · leak threshold: worst-case {threshold}")
     if oracle:
         header += f" · {_MARK_ORACLE_LABELS} ORACLE labels granted on marked rows"
     if shared_bn:
         header += f" · {_MARK_SHARED_BN} BN statistics shared on marked rows"
-    titles = ["victim", "defense", "protocol", "batch", "images", "worst PSNR (dB)", "95% CI", "worst SSIM",
-              "worst LPIPS", "avg PSNR (dB)", "avg SSIM", "avg LPIPS", "label acc.", "leak rate", "rows (failed)",
-              *(f"PSNR (dB) {c[len('psnr_db['):-1]}" for c in attacks)]
-    lines = [header, "", _md_row(titles), "|" + "|".join(["---"] * 3 + ["---:"] * (len(titles) - 3)) + "|"]
+    lines = [header, ""]
+    warnings = consistency_warnings(results)
+    for warning in warnings:
+        lines.append(f"> {WARNING_SIGN} **Warning:** this leaderboard {_md(warning)}")
+    if warnings:
+        lines.append("")
+    titles = ["victim", "defense", "protocol", "batch", "images", "worst PSNR (dB)", "worst SSIM", "worst LPIPS",
+              "worst label acc.", "avg PSNR (dB)", "avg SSIM", "avg LPIPS", "avg label acc.",
+              f"leak rate ({threshold})"]
+    titles += ["ε (δ)"] * show["epsilon"] + ["update cosine"] * show["utility"]
+    titles += ["defense info"] * show["defense_notes"] + ["victim state (test acc.)"] * show["victim"]
+    titles += ["cells (failed)", "rows (failed)"] + ["sanity flags"] * show["flags"] + ["battery"] * show["battery"]
+    titles += [f"PSNR (dB) {c[len('psnr_db['):-1]}" for c in attacks]
+    lines += [_md_row(titles), "|" + "|".join(["---"] * 3 + ["---:"] * (len(titles) - 3)) + "|"]
     notes: dict[str, str] = {}
     for row in board.to_dict("records"):
         victim = row["victim"] + (f" {_MARK_ORACLE_LABELS}" if row["oracle_labels"] else "") + (
@@ -393,22 +738,38 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
             notes.setdefault(row["lpips_note"], "")
         cells = [
             victim, row["defense"], row["protocol"], str(row["batch_size"]), str(row["images"]),
-            _num(row["worst_psnr_db"], 2),
-            "n/a" if _missing(row["worst_psnr_db_lo"]) else f"[{row['worst_psnr_db_lo']:.2f}, {row['worst_psnr_db_hi']:.2f}]",
-            _num(row["worst_ssim"], 3), _num(row["worst_lpips"], 3) + lpips_mark,
-            _num(row["avg_psnr_db"], 2), _num(row["avg_ssim"], 3), _num(row["avg_lpips"], 3) + lpips_mark,
-            _pct(row["label_accuracy"]),
-            ("n/a" if _missing(row["leak_rate"]) else f"{_pct(row['leak_rate'])} ({row['leaked_images']}/{row['images']})"),
-            f"{row['rows']} ({row['failed_rows']})",
-            *(_num(row[c], 2) for c in attacks),
+            _with_ci(row, "worst_psnr_db", 2), _with_ci(row, "worst_ssim", 3), _with_ci(row, "worst_lpips", 3) + lpips_mark,
+            _with_ci(row, "worst_label_accuracy", percent=True),
+            _with_ci(row, "avg_psnr_db", 2), _with_ci(row, "avg_ssim", 3), _with_ci(row, "avg_lpips", 3) + lpips_mark,
+            _with_ci(row, "label_accuracy", percent=True),
+            ("n/a" if _missing(row["leak_rate"]) else
+             f"{_pct(row['leak_rate'])} ({row['leaked_images']}/{row['images']})"
+             + ("" if _pct(row["leak_rate_lo"]) == _pct(row["leak_rate_hi"]) else
+                f" [{_pct(row['leak_rate_lo'])}, {_pct(row['leak_rate_hi'])}]")),
         ]
+        if show["epsilon"]:
+            cells.append(_epsilon_text(row))
+        if show["utility"]:
+            cells.append(_num(row["utility_cosine"], 3))
+        if show["defense_notes"]:
+            cells.append(row["defense_notes"] or "")
+        if show["victim"]:
+            cells.append(_victim_text(row))
+        cells += [f"{row['cells']} ({row['failed_cells']})", f"{row['rows']} ({row['failed_rows']})"]
+        if show["flags"]:
+            cells.append(row["flags"] or "none")
+        if show["battery"]:
+            cells.append(row["battery"])
+        cells += [_num(row[c], 2) for c in attacks]
         lines.append(_md_row(cells))
     lines.append("")
     lines.append(
-        "Worst case = best reconstruction per image over all attacks and trials (max PSNR, max SSIM, min LPIPS), "
-        "averaged over images; 95% CI: bootstrap over images. Averages are over all ok rows. Failed rows "
-        "(error, timeout, oom) count as no leak and are counted in rows (failed); an image with only failed rows "
-        f"counts as not leaked. PSNR is capped at {PSNR_CAP_DB:g} dB for identical images."
+        "Worst case = best reconstruction per image over all attacks and trials (max PSNR, max SSIM, min LPIPS, "
+        "max label accuracy), averaged over images. Averages are over all ok rows. [brackets]: 95% percentile "
+        f"bootstrap interval over images ({BOOTSTRAP_RESAMPLES} resamples, fixed seed). Leak rate: share of images "
+        f"whose worst case has {threshold}. Failed rows (error, timeout, oom) count as no leak and are counted in "
+        "rows (failed); cells (failed) counts the cells with any failed row; an image with only failed rows counts "
+        f"as not leaked. PSNR is capped at {PSNR_CAP_DB:g} dB for identical images."
     )
     if oracle:
         lines.append(f"{_MARK_ORACLE_LABELS} oracle labels: the attacks were given the true labels "
@@ -417,7 +778,62 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         lines.append(f"{_MARK_SHARED_BN} the server saw the client's BatchNorm statistics (threat_model.bn_stats = \"shared\").")
     for note in notes:
         lines.append(f"{_MARK_LPIPS} LPIPS n/a: {_md(note)}")
+    lines.append(f"Provenance: {_md(provenance_text(results))}.")
     return "\n".join(lines) + "\n"
+
+
+def productive_runs(results: ResultSet) -> pd.DataFrame:
+    """The runs that wrote rows of this suite (a rerun of a finished suite writes none); all runs if none did."""
+    runs = results.runs
+    if not len(runs) or "run_id" not in results.rows:
+        return runs
+    wrote = runs[runs["run_id"].isin(set(results.rows["run_id"]))]
+    return wrote if len(wrote) else runs
+
+
+def provenance_text(results: ResultSet) -> str:
+    """The runs behind a leaderboard in one line: how many, when, commits, devices, versions."""
+    runs = productive_runs(results)
+    if not len(runs):
+        return "no runs"
+    recorded = len(results.runs)
+
+    def distinct(values: Any) -> str:
+        return " / ".join(dict.fromkeys(str(v) for v in values if not _missing(v))) or "unknown"
+
+    versions = [parse_json(text, {}) for text in runs["versions_json"]]
+    versions = [v for v in versions if isinstance(v, dict)]
+    ended = runs["ended_utc"].where(runs["ended_utc"].notna(), runs["started_utc"])
+    count = f"{len(runs)} run(s)" + (f" wrote these rows ({recorded} recorded)" if recorded != len(runs) else "")
+    return (f"{count} from {runs['started_utc'].min()} to {ended.max()} (UTC); "
+            f"commit {distinct(runs['git_commit'])}; device {distinct(runs['device'])}; "
+            f"leakbench {distinct(v.get('leakbench') for v in versions)}, torch {distinct(v.get('torch') for v in versions)}")
+
+
+def _with_ci(row: dict[str, Any], column: str, digits: int = 2, *, percent: bool = False) -> str:
+    """``value [lo, hi]``, or ``n/a``; the interval is left out when it is a single point (one image)."""
+    fmt = _pct if percent else (lambda v: _num(v, digits))
+    value = row[column]
+    if _missing(value):
+        return "n/a"
+    lo, hi = row[f"{column}_lo"], row[f"{column}_hi"]
+    if _missing(lo) or fmt(lo) == fmt(hi):  # one image, or every image alike: no interval to show
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _epsilon_text(row: dict[str, Any]) -> str:
+    if _missing(row["epsilon"]):
+        return "n/a"
+    delta = "" if _missing(row["delta"]) else f" (δ={row['delta']:.0e})"
+    return f"{row['epsilon']:.3g}{delta}"
+
+
+def _victim_text(row: dict[str, Any]) -> str:
+    state = row["victim_state"] or "n/a"
+    if _missing(row["victim_test_accuracy"]):
+        return state
+    return f"{state} ({_pct(row['victim_test_accuracy'])})"
 
 
 def _missing(value: Any) -> bool:

@@ -222,7 +222,7 @@ def test_null_lpips_is_na_with_reason_never_zero(store_file: Path, tmp_path: Pat
     assert board_row(board, "convnet(width=4)")["lpips_note"] == ""
     md_line = next(line for line in to_markdown(board, results=results).splitlines() if "&lt;script&gt;" in line)
     cells = [c.strip() for c in md_line.strip("|").split("|")]
-    assert cells[8].startswith("n/a") and cells[11].startswith("n/a")  # worst and avg LPIPS
+    assert cells[7].startswith("n/a") and cells[11].startswith("n/a")  # worst and avg LPIPS
     assert "0.000" not in md_line
     assert LPIPS_REASON in to_markdown(board, results=results)
     paths = write_reports(store_file, tmp_path / "reports")
@@ -324,8 +324,10 @@ def test_markdown_has_header_line_and_one_row_per_group(store_file: Path) -> Non
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 2 and len({line.count(" | ") for line in table[:1] + table[2:]}) == 1
     assert "<script>" not in markdown
-    assert "| 18.50 |" in markdown and "| 14.83 |" in markdown  # worst and average PSNR, two decimals
-    assert "50.0% (1/2)" in markdown
+    # worst and average PSNR, two decimals, each with its 95% interval over images (see the interval test)
+    assert "| 18.50 [12.00, 25.00] |" in markdown and "| 14.83 [10.33, 19.33] |" in markdown
+    assert "50.0% (1/2) [0.0%, 100.0%]" in markdown
+    assert "leak rate (psnr_db &gt; 20)" in lines[[i for i, line in enumerate(lines) if line.startswith("|")][0]]
 
 
 class _Balance(HTMLParser):
@@ -364,11 +366,12 @@ def parse(html: str) -> _Balance:
 def test_report_inlines_every_png_and_escapes_labels(store_file: Path, tmp_path: Path) -> None:
     html = write_reports(store_file, tmp_path / "reports").report_html.read_text()
     parsed = parse(html)
+    assert all(src.startswith("data:image/png;base64,") for src in parsed.images)  # grids and plots
     with Store(store_file, readonly=True) as store:
         stored = store.conn.execute("SELECT cell_key, attack_key, image_slot, png FROM images").fetchall()
     distinct = {bytes(r["png"]) for r in stored}
-    shown = [base64.b64decode(src.split(",", 1)[1]) for src in parsed.images]
-    assert all(src.startswith("data:image/png;base64,") for src in parsed.images)
+    grid_sources = re.findall(r'<img src="([^"]+)"', html.split('<h2 id="reconstructions">')[1])
+    shown = [base64.b64decode(src.split(",", 1)[1]) for src in grid_sources]
     # One <img> per stored PNG; the ground truth of an image is stored once per trial (same
     # picture), and the report shows it once per image.
     assert set(shown) == distinct
@@ -400,6 +403,144 @@ def test_leaderboard_page_is_valid_and_has_no_images(store_file: Path, tmp_path:
 
 
 def test_import_reports_does_not_import_torch() -> None:
-    code = "import sys, reports, reports.html, reports.leaderboard; print('torch' in sys.modules)"
+    code = ("import sys, reports, reports.html, reports.leaderboard, reports.plots, reports.compare, reports.certify; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- issue 8 additions
+
+from reports.leaderboard import INTERVAL_COLUMNS, consistency_warnings  # noqa: E402
+from storebuilder import StoreBuilder, simple_store  # noqa: E402
+
+
+def test_every_worst_case_and_average_column_has_an_interval(store_file: Path) -> None:
+    board = leaderboard(load_results(store_file))
+    for column in INTERVAL_COLUMNS:
+        assert f"{column}_lo" in board.columns and f"{column}_hi" in board.columns, column
+    a = board_row(board, "convnet(width=4)")
+    # Two images: a bootstrap resample is {a, a}, {a, b} or {b, b} (p = 1/4, 1/2, 1/4), so the 2.5%
+    # and 97.5% quantiles are the all-b and the all-a statistics.
+    assert (a["worst_ssim_lo"], a["worst_ssim_hi"]) == pytest.approx((0.30, 0.80))
+    assert (a["worst_lpips_lo"], a["worst_lpips_hi"]) == pytest.approx((0.20, 0.50))
+    # Averages resample images with all their rows: image a's rows average (15+25+18)/3, b's (10+9+12)/3.
+    assert (a["avg_psnr_db_lo"], a["avg_psnr_db_hi"]) == pytest.approx(((10 + 9 + 12) / 3, (15 + 25 + 18) / 3))
+    assert (a["leak_rate_lo"], a["leak_rate_hi"]) == (0.0, 1.0)
+    assert a["worst_label_accuracy"] == 1.0 and a["label_accuracy_lo"] == pytest.approx(0.75)  # per image: .75, .75
+    for column in INTERVAL_COLUMNS:
+        if not math.isnan(a[column]):
+            assert a[f"{column}_lo"] - 1e-12 <= a[column] <= a[f"{column}_hi"] + 1e-12, column
+
+
+def test_weighted_bootstrap_is_the_pooled_mean_over_resampled_images() -> None:
+    # One image with 3 rows averaging 10, one with 1 row of 30: the pooled mean is 15, not 20.
+    lo, hi = bootstrap_mean_interval([10.0, 30.0], weights=[3, 1])
+    assert (lo, hi) == (10.0, 30.0)
+    assert bootstrap_mean_interval([5.0, 5.0, 5.0], weights=[1, 2, 3]) == (5.0, 5.0)
+
+
+def test_failed_cells_are_counted(store_file: Path) -> None:
+    board = leaderboard(load_results(store_file))
+    a, b = board_row(board, "convnet(width=4)"), board_row(board, EVIL_VICTIM)
+    assert (a["cells"], a["failed_cells"]) == (2, 1)  # A1's dlg timed out
+    assert (b["cells"], b["failed_cells"]) == (2, 2)
+
+
+def info_store(tmp_path: Path) -> Path:
+    b = StoreBuilder(tmp_path, suite_name="dp sweep")
+    dp_info = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "effective_victim": "lenet(norm=group)",
+               "delta": 1e-5, "epsilon_rdp": 8.5, "epsilon_prv": 7.9, "utility_cosine": 0.4,
+               "utility_norm_ratio": 1.7}
+    victim = {"state": "trained", "test_accuracy": 0.81, "recipe": {"epochs": 2}}
+    for index, psnr in enumerate((12.0, 14.0)):
+        b.cell(f"dp{index}", defense="dp_sgd", defense_params={"noise_multiplier": 1.0}, batch_index=index,
+               defense_info={**dp_info, "utility_cosine": 0.4 + 0.1 * index}, victim_info=victim,
+               cell_flags=["zero_update"] if index else [])
+        b.attack(f"dp{index}", [(f"img-{index}", psnr)], flags=[{"name": "pixel_range", "detail": "x"}])
+    b.cell("none0", case=1, victim_info=victim)
+    b.attack("none0", [("img-0", 30.0)])
+    return b.close()
+
+
+def test_defense_and_victim_info_flags_become_columns(tmp_path: Path) -> None:
+    results = load_results(info_store(tmp_path))
+    board = leaderboard(results)
+    dp, none = board.iloc[0], board.iloc[1]
+    assert dp["epsilon"] == 8.5  # no plain epsilon: the largest accountant's, the weakest guarantee
+    assert dp["delta"] == 1e-5 and dp["utility_cosine"] == pytest.approx(0.45)  # mean over the row's cells
+    assert dp["defense_info[noise_multiplier]"] == 1.0 and dp["defense_info[utility_norm_ratio]"] == 1.7
+    assert "effective_victim=lenet(norm=group)" in dp["defense_notes"] and "epsilon_prv=7.9" in dp["defense_notes"]
+    assert (dp["victim_state"], dp["victim_test_accuracy"]) == ("trained", pytest.approx(0.81))
+    assert "recipe.epochs=2" in dp["victim_notes"]
+    assert (dp["flagged_rows"], dp["flagged_cells"]) == (2, 1)
+    assert dp["flags"] == "zero_update: 1 cell(s); pixel_range: 2 row(s)"
+    assert math.isnan(none["epsilon"]) and none["defense_notes"] == "" and none["flagged_rows"] == 0
+    assert math.isnan(none["defense_info[noise_multiplier]"])
+    markdown = to_markdown(board, results=results)
+    header = next(line for line in markdown.splitlines() if line.startswith("| victim"))
+    for title in ("ε (δ)", "update cosine", "defense info", "victim state (test acc.)", "sanity flags"):
+        assert title in header, title
+    assert "| 8.5 (δ=1e-05) | 0.450 |" in markdown and "trained (81.0%)" in markdown
+    paths = write_reports(info_store(tmp_path / "again"), tmp_path / "reports")
+    html = paths.report_html.read_text()
+    for text in ("ε (δ)", "8.500", "0.450", "trained (81.0%)", "zero_update</span>: 1 cell(s)", "lenet(norm=group)"):
+        assert text in html, text
+    assert pd.read_csv(paths.csv)["epsilon"].tolist()[0] == 8.5
+
+
+def test_optional_columns_stay_out_when_no_row_has_them(store_file: Path) -> None:
+    results = load_results(store_file)
+    header = next(line for line in to_markdown(leaderboard(results), results=results).splitlines()
+                  if line.startswith("| victim"))
+    assert "ε" not in header and "update cosine" not in header and "sanity flags" not in header
+
+
+def mixed_store(tmp_path: Path) -> Path:
+    b = StoreBuilder(tmp_path)
+    b.cell("c0")
+    b.attack("c0", [("img-0", 20.0)], version="1", battery="standard-v1")
+    b.cell("c1", batch_index=1)
+    b.attack("c1", [("img-1", 21.0)], version="2", battery="smoke-v1")
+    return b.close()
+
+
+def test_mixed_batteries_and_versions_are_warned_everywhere(tmp_path: Path) -> None:
+    results = load_results(mixed_store(tmp_path))
+    warnings = consistency_warnings(results)
+    assert any(w.startswith("mixes batteries (standard-v1, smoke-v1)") for w in warnings)
+    assert any(w.startswith("mixes versions of attack 'ig' (1, 2)") for w in warnings)
+    markdown = to_markdown(leaderboard(results), results=results)
+    assert markdown.count("> ⚠ **Warning:** this leaderboard mixes") == 2
+    paths = write_reports(results.store_path, tmp_path / "reports")
+    for html in (paths.report_html.read_text(), paths.leaderboard_html.read_text()):
+        block = html.split('<div class="warning" role="alert">')[1].split("</div>")[0]
+        assert "mixes batteries" in block and "mixes versions of attack &#39;ig&#39;" in block
+    clean = load_results(simple_store(tmp_path / "clean", {"lenet|none": [10.0, 12.0]}))
+    assert consistency_warnings(clean) == []
+    assert 'class="warning"' not in write_reports(clean.store_path, tmp_path / "clean-reports").report_html.read_text()
+
+
+def test_runs_with_other_thresholds_or_leakbench_versions_are_warned(tmp_path: Path) -> None:
+    path = simple_store(tmp_path, {"lenet|none": [10.0]})
+    with Store(path) as store:
+        store.start_run(suite_name="toy", suite_hash="hash-a", suite_text="", leak_metric="ssim", leak_value=0.5,
+                        git_commit="def", versions={"leakbench": "0.2.0"}, device="cpu",
+                        argv="", started_utc="2024-06-12T00:00:00+00:00")
+    warnings = consistency_warnings(load_results(path))
+    assert any("disagree on the leak threshold (psnr_db > 20, ssim > 0.5)" in w for w in warnings)
+    assert any("different leakbench versions (0.1.0, 0.2.0)" in w for w in warnings)
+
+
+def test_report_header_names_battery_threat_settings_and_provenance(tmp_path: Path) -> None:
+    suite = '[suite]\nname = "toy"\n[threat_model]\nlabels = "recovered"\nbn_stats = "none"\npublic_prior = "gan"\n'
+    b = StoreBuilder(tmp_path, suite_text=suite)
+    b.cell("c0")
+    b.attack("c0", [("img-0", 20.0)], battery="standard-v1")
+    html = write_reports(b.close(), tmp_path / "reports").report_html.read_text()
+    header = html.split('<h2 id="provenance">')[0]
+    for text in ("<dt>battery</dt><dd>standard-v1</dd>", "threat_model.labels = recovered",
+                 "threat_model.bn_stats = none", "threat_model.public_prior = gan", "uninterpreted setting",
+                 "1 run(s), 2024-06-11T00:00:00+00:00 to 2024-06-11T00:05:00+00:00", "commit abc123",
+                 "device cpu: test", "leakbench 0.1.0, torch 2.3.0", "ok: 1", "none raised"):
+        assert text in header, text

@@ -1,0 +1,329 @@
+"""Pre-deployment certification: does each (victim, defense) stay under the stated leakage limits?
+
+A verdict is only as strong as the battery and threat model behind it, so every
+certificate names them: it says "no attack of *this* battery, with *this* oracle knowledge,
+reconstructed any of these images above X dB", nothing more. Conservative by design:
+
+- ``max_psnr_db`` bounds every image's worst case (the best reconstruction over the battery
+  and trials), not the mean over images;
+- the leak rate is the suite's (its threshold is named);
+- a row with failed attack runs (error, timeout, oom) fails as *inconclusive* unless
+  failures are allowed: a certificate resting on attacks that did not run is no evidence;
+- a limit whose metric is missing (LPIPS unavailable) fails as inconclusive.
+
+The evidence is each row's worst images (ground truth beside the best reconstruction),
+written as PNG files next to ``certificate.md`` and inline in ``certificate.html``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.store import Store
+from reports.leaderboard import (
+    ORACLE_VALUES,
+    THREAT_MODEL_DEFAULTS,
+    ResultSet,
+    _md,
+    _md_row,
+    consistency_warnings,
+    flag_counts,
+    leaderboard,
+    per_image_worst,
+)
+
+TRUTH_ATTACK_KEY = ""
+DEFAULT_EVIDENCE_IMAGES = 3
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The certification limits; None means not checked. At least one must be set."""
+
+    max_psnr_db: float | None = None
+    max_leak_rate: float | None = None
+    max_ssim: float | None = None
+    min_lpips: float | None = None
+    allow_failures: bool = False
+
+    def __post_init__(self) -> None:
+        if all(v is None for v in (self.max_psnr_db, self.max_leak_rate, self.max_ssim, self.min_lpips)):
+            raise ValueError("certification needs at least one limit: --max-psnr, --max-leak-rate, --max-ssim or "
+                             "--min-lpips")
+        if self.max_leak_rate is not None and not 0 <= self.max_leak_rate <= 1:
+            raise ValueError(f"--max-leak-rate is a share in [0, 1], got {self.max_leak_rate}")
+
+    def describe(self) -> list[str]:
+        out = []
+        if self.max_psnr_db is not None:
+            out.append(f"every image's worst-case PSNR ≤ {self.max_psnr_db:g} dB")
+        if self.max_ssim is not None:
+            out.append(f"every image's worst-case SSIM ≤ {self.max_ssim:g}")
+        if self.min_lpips is not None:
+            out.append(f"every image's worst-case LPIPS ≥ {self.min_lpips:g}")
+        if self.max_leak_rate is not None:
+            out.append(f"leak rate ≤ {100 * self.max_leak_rate:g}%")
+        out.append("failed attack runs allowed (they count as no leak)" if self.allow_failures
+                   else "every attack run of the battery completed")
+        return out
+
+
+@dataclass(frozen=True)
+class Check:
+    criterion: str
+    observed: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One of a row's most-leaking images: its worst case and the reconstruction behind it."""
+
+    image_id: str
+    worst_psnr_db: float
+    worst_ssim: float
+    worst_lpips: float
+    leaked: bool | None
+    attack: str | None
+    trial: int | None
+    truth_png: bytes | None
+    reconstruction_png: bytes | None
+
+
+@dataclass(frozen=True)
+class RowVerdict:
+    victim: str
+    defense: str
+    protocol: str
+    passed: bool
+    checks: tuple[Check, ...]
+    evidence: tuple[Evidence, ...]
+    images: int
+    failed_rows: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def slug(self) -> str:
+        text = f"{self.victim}-{self.defense}-{self.protocol}"
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120]
+
+
+@dataclass(frozen=True)
+class Certificate:
+    results: ResultSet
+    limits: Limits
+    rows: tuple[RowVerdict, ...]
+    scope: str  # what the verdict holds for: battery, attacks, threat model, data
+    warnings: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _fmt(value: float, digits: int, unit: str = "") -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}{unit}"
+
+
+def _bound_check(criterion: str, values: pd.Series, limit: float, *, upper: bool, digits: int, unit: str,
+                 ok_rows: pd.Series) -> Check:
+    """Every image with ok rows must be within the limit; an image with ok rows but no value is unknown."""
+    has_rows = ok_rows > 0
+    unknown = int((values.isna() & has_rows).sum())
+    present = values[has_rows].dropna()
+    if unknown:
+        return Check(criterion, f"inconclusive: {unknown} image(s) have no value", False)
+    if present.empty:
+        return Check(criterion, "inconclusive: no image has a reconstruction", False)
+    extreme = float(present.max() if upper else present.min())
+    beyond = int((present > limit).sum() if upper else (present < limit).sum())
+    word = "max" if upper else "min"
+    return Check(criterion, f"{word} {_fmt(extreme, digits, unit)}" + (f" ({beyond} image(s) beyond)" if beyond else ""),
+                 beyond == 0)
+
+
+def _row_verdict(row: dict[str, Any], images: pd.DataFrame, limits: Limits, *, results: ResultSet, store: Store,
+                 evidence_images: int) -> RowVerdict:
+    checks = []
+    if limits.max_psnr_db is not None:
+        checks.append(_bound_check(f"worst-case PSNR ≤ {limits.max_psnr_db:g} dB", images["worst_psnr_db"],
+                                   limits.max_psnr_db, upper=True, digits=2, unit=" dB", ok_rows=images["ok_rows"]))
+    if limits.max_ssim is not None:
+        checks.append(_bound_check(f"worst-case SSIM ≤ {limits.max_ssim:g}", images["worst_ssim"], limits.max_ssim,
+                                   upper=True, digits=3, unit="", ok_rows=images["ok_rows"]))
+    if limits.min_lpips is not None:
+        checks.append(_bound_check(f"worst-case LPIPS ≥ {limits.min_lpips:g}", images["worst_lpips"],
+                                   limits.min_lpips, upper=False, digits=3, unit="", ok_rows=images["ok_rows"]))
+    if limits.max_leak_rate is not None:
+        rate = row["leak_rate"]
+        criterion = f"leak rate ({results.threshold.describe()}) ≤ {100 * limits.max_leak_rate:g}%"
+        if math.isnan(rate):
+            checks.append(Check(criterion, "inconclusive: the threshold's metric is missing", False))
+        else:
+            checks.append(Check(criterion, f"{100 * rate:.1f}% ({row['leaked_images']}/{row['images']})",
+                                rate <= limits.max_leak_rate))
+    failed = int(row["failed_rows"])
+    if failed:
+        checks.append(Check("every attack run completed", f"{failed} of {row['rows']} rows failed (error, timeout, oom)",
+                            limits.allow_failures))
+    else:
+        checks.append(Check("every attack run completed", f"all {row['rows']} rows ok", True))
+    notes = []
+    if row["flagged_rows"] or row["flagged_cells"]:
+        notes.append(f"sanity flags raised: {row['flags']}; review them before relying on this verdict")
+    ordered = images.sort_values("worst_psnr_db", ascending=False, na_position="last", kind="stable")
+    evidence = tuple(_evidence(image, results=results, store=store)
+                     for image in ordered.head(evidence_images).to_dict("records"))
+    return RowVerdict(victim=row["victim"], defense=row["defense"], protocol=row["protocol"],
+                      passed=all(c.passed for c in checks), checks=tuple(checks), evidence=evidence,
+                      images=int(row["images"]), failed_rows=failed, notes=tuple(notes))
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _evidence(image: dict[str, Any], *, results: ResultSet, store: Store) -> Evidence:
+    truth = recon = None
+    if not _missing(image["best_cell_key"]):
+        slot = int(image["best_image_slot"])
+        truth = store.image_png(results.suite_hash, image["best_cell_key"], TRUTH_ATTACK_KEY, slot)
+        recon = store.image_png(results.suite_hash, image["best_cell_key"], image["best_attack_key"], slot)
+    leaked = image["leaked"]
+    return Evidence(
+        image_id=str(image["image_id"]), worst_psnr_db=float(image["worst_psnr_db"]),
+        worst_ssim=float(image["worst_ssim"]), worst_lpips=float(image["worst_lpips"]),
+        leaked=None if _missing(leaked) else bool(leaked),
+        attack=None if _missing(image["best_attack"]) else str(image["best_attack"]),
+        trial=None if _missing(image["best_trial"]) else int(image["best_trial"]),
+        truth_png=truth, reconstruction_png=recon,
+    )
+
+
+def certificate_scope(results: ResultSet) -> str:
+    """What a verdict holds for: the battery and its attacks, every threat-model setting, the data."""
+    rows = results.rows
+    attacks = []
+    for label, params, strategy in rows[["attack_label", "attack_json", "label_strategy"]].drop_duplicates(
+            "attack_label").itertuples(index=False):
+        attacks.append(f"{label} {params} (labels: {strategy})")
+    settings = []
+    for name, value in results.suite_threat_model.items():
+        mark = ""
+        if name in ORACLE_VALUES and value == ORACLE_VALUES[name]:
+            mark = " (ORACLE)"
+        elif name not in THREAT_MODEL_DEFAULTS:
+            mark = " (setting not interpreted by this leakbench)"
+        settings.append(f"{name}={value}{mark}")
+    datasets = ", ".join(dict.fromkeys(str(d) for d in rows["dataset"])) or "none"
+    images = rows["image_id"].nunique()
+    return (f"battery {', '.join(results.batteries) or 'none'} — attacks at their stated budgets: "
+            f"{'; '.join(attacks) or 'none'}; threat model {', '.join(settings)}; {images} image(s) of {datasets}; "
+            f"suite {results.suite_name} (hash {results.suite_hash}). It says nothing about attacks outside this "
+            "battery, larger budgets, more oracle knowledge, or other data.")
+
+
+def certify(results: ResultSet, *, limits: Limits, evidence_images: int = DEFAULT_EVIDENCE_IMAGES) -> Certificate:
+    """A pass/fail verdict per (victim, defense, protocol) row, with the checks and the worst images as evidence."""
+    board = leaderboard(results)
+    images = per_image_worst(results)
+    by_group = {key: g for key, g in images.groupby(["victim", "defense", "protocol"], sort=False)}
+    with Store(results.store_path, readonly=True) as store:
+        rows = tuple(
+            _row_verdict(row, by_group[(row["victim"], row["defense"], row["protocol"])], limits, results=results,
+                         store=store, evidence_images=evidence_images)
+            for row in board.to_dict("records")
+        )
+    return Certificate(results=results, limits=limits, rows=rows, scope=certificate_scope(results),
+                       warnings=tuple(consistency_warnings(results)))
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def certificate_markdown(certificate: Certificate, *, evidence_paths: dict[tuple[str, int], tuple[str, str]] | None = None
+                         ) -> str:
+    """The verdict in Markdown: overall result, scope, limits, one table row per (victim, defense), evidence."""
+    results = certificate.results
+    passed = [r for r in certificate.rows if r.passed]
+    verdict = "✅ PASS" if certificate.passed else "❌ FAIL"
+    lines = [f"### leakbench certify: {verdict} ({len(passed)} of {len(certificate.rows)} row(s) pass)", "",
+             f"**Holds for**: {_md(certificate.scope)}", "",
+             "**Limits**: " + "; ".join(_md(t) for t in certificate.limits.describe()) + ".", ""]
+    for warning in certificate.warnings:
+        lines.append(f"> ⚠ **Warning:** these results {_md(warning)}")
+    flags = flag_counts(results)
+    if flags:
+        lines.append("> ⚠ **Sanity flags raised:** " + _md(", ".join(f"{n} ({c} {s}(s))" for n, s, c in flags)))
+    if certificate.warnings or flags:
+        lines.append("")
+    if not certificate.rows:
+        lines.append("No results stored for this suite: nothing is certified.")
+    titles = ["verdict", "victim", "defense", "protocol", "images", "checks"]
+    lines += [_md_row(titles), "|---|---|---|---|---:|---|"]
+    for row in certificate.rows:
+        checks = "; ".join(f"{'✅' if c.passed else '❌'} {c.criterion}: {c.observed}" for c in row.checks)
+        lines.append(_md_row(["✅ pass" if row.passed else "❌ fail", row.victim, row.defense, row.protocol,
+                              str(row.images), checks]))
+    lines += ["", "#### Evidence: the most-leaking images of each row", ""]
+    for row in certificate.rows:
+        lines.append(f"**{_md(row.victim)} · {_md(row.defense)} · {_md(row.protocol)}** "
+                     f"({'pass' if row.passed else 'fail'})")
+        for note in row.notes:
+            lines.append(f"- ⚠ {_md(note)}")
+        for index, image in enumerate(row.evidence):
+            text = (f"- `{_md(image.image_id)}`: worst PSNR {_fmt(image.worst_psnr_db, 2, ' dB')}, SSIM "
+                    f"{_fmt(image.worst_ssim, 3)}, LPIPS {_fmt(image.worst_lpips, 3)}"
+                    + (f", by {_md(image.attack)} (trial {image.trial})" if image.attack else ", no reconstruction")
+                    + ("" if image.leaked is None else (" — leaked" if image.leaked else " — not leaked")))
+            paths = (evidence_paths or {}).get((row.slug, index))
+            if paths:
+                text += f" — [ground truth]({paths[0]}) · [reconstruction]({paths[1]})"
+            lines.append(text)
+        lines.append("")
+    lines.append("Worst case = best reconstruction of an image over every attack of the battery and every trial. "
+                 "A failed attack run counts as no leak in leaderboards, but a certificate needs the battery to have "
+                 "run: rows with failures fail as inconclusive unless --allow-failures.")
+    return "\n".join(lines) + "\n"
+
+
+def write_certificate(certificate: Certificate, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write certificate.md (evidence PNGs beside it, under certificate/) and a self-contained certificate.html."""
+    from reports.html import _data_uri, environment
+
+    out = Path(out_dir)
+    evidence_dir = out / "certificate"
+    evidence_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[tuple[str, int], tuple[str, str]] = {}
+    for row in certificate.rows:
+        for index, image in enumerate(row.evidence):
+            if image.truth_png is None or image.reconstruction_png is None:
+                continue
+            stem = f"{row.slug}-{index}-{re.sub(r'[^A-Za-z0-9._-]+', '_', image.image_id)}"
+            truth, recon = evidence_dir / f"{stem}-truth.png", evidence_dir / f"{stem}-reconstruction.png"
+            truth.write_bytes(image.truth_png)
+            recon.write_bytes(image.reconstruction_png)
+            paths[(row.slug, index)] = (truth.relative_to(out).as_posix(), recon.relative_to(out).as_posix())
+    markdown_path, html_path = out / "certificate.md", out / "certificate.html"
+    markdown_path.write_text(certificate_markdown(certificate, evidence_paths=paths), encoding="utf-8")
+    html = environment().get_template("certificate.html").render(
+        certificate=certificate, suite_name=certificate.results.suite_name, suite_hash=certificate.results.suite_hash,
+        limits=certificate.limits.describe(), flags=flag_counts(certificate.results),
+        evidence={(row.slug, i): (_data_uri(e.truth_png), _data_uri(e.reconstruction_png))
+                  for row in certificate.rows for i, e in enumerate(row.evidence)},
+    )
+    html_path.write_text(html, encoding="utf-8")
+    return markdown_path, html_path
+
+
+__all__ = ["Certificate", "Check", "Evidence", "Limits", "RowVerdict", "certificate_markdown", "certificate_scope",
+           "certify", "write_certificate"]

@@ -1,0 +1,121 @@
+"""certify on hand-made stores: per-row verdicts, conservative limits, inconclusive rows, scope, evidence files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reports import load_results
+from reports.certify import Limits, certificate_markdown, certify, write_certificate
+from storebuilder import StoreBuilder, simple_store
+
+THREAT_SUITE = '[suite]\nname = "toy"\n[threat_model]\nlabels = "recovered"\nbn_stats = "none"\n'
+
+
+def verdicts(certificate) -> dict[str, bool]:
+    return {f"{r.victim}|{r.defense}": r.passed for r in certificate.rows}
+
+
+def test_bound_is_on_every_image_not_the_mean(tmp_path: Path) -> None:
+    # lenet|none: mean 15 dB but one image at 28 dB -> fails a 20 dB bound; fc|noise: all under 20 -> passes.
+    path = simple_store(tmp_path, {"lenet|none": [28.0, 8.0, 9.0], "fc|noise": [12.0, 14.0, 19.5]})
+    certificate = certify(load_results(path), limits=Limits(max_psnr_db=20.0))
+    assert verdicts(certificate) == {"lenet|none": False, "fc|noise": True}
+    assert not certificate.passed
+    lenet = certificate.rows[0]
+    assert lenet.checks[0].observed == "max 28.00 dB (1 image(s) beyond)"
+    assert [e.image_id for e in lenet.evidence] == ["img-0", "img-2", "img-1"]  # most-leaking first
+    assert lenet.evidence[0].truth_png and lenet.evidence[0].reconstruction_png
+    only_fc = certify(load_results(simple_store(tmp_path / "fc", {"fc|noise": [12.0, 14.0, 19.5]})),
+                      limits=Limits(max_psnr_db=20.0))
+    assert only_fc.passed
+
+
+def test_leak_rate_limit_uses_the_suite_threshold(tmp_path: Path) -> None:
+    path = simple_store(tmp_path, {"lenet|none": [25.0, 8.0, 9.0, 10.0]})  # 1 of 4 above 20 dB
+    results = load_results(path)
+    assert certify(results, limits=Limits(max_leak_rate=0.25)).passed
+    failing = certify(results, limits=Limits(max_leak_rate=0.2))
+    assert not failing.passed
+    assert failing.rows[0].checks[0].criterion == "leak rate (psnr_db > 20) ≤ 20%"
+    assert failing.rows[0].checks[0].observed == "25.0% (1/4)"
+
+
+def test_failed_attack_runs_make_a_row_inconclusive_unless_allowed(tmp_path: Path) -> None:
+    b = StoreBuilder(tmp_path)
+    for index, (psnr, status) in enumerate([(10.0, "ok"), (11.0, "ok"), (0.0, "timeout")]):
+        b.cell(f"c{index}", batch_index=index)
+        b.attack(f"c{index}", [(f"img-{index}", psnr)], status=status)
+    results = load_results(b.close())
+    strict = certify(results, limits=Limits(max_psnr_db=20.0))
+    assert not strict.passed
+    failure = [c for c in strict.rows[0].checks if not c.passed]
+    assert [c.criterion for c in failure] == ["every attack run completed"]
+    assert failure[0].observed == "1 of 3 rows failed (error, timeout, oom)"
+    assert certify(results, limits=Limits(max_psnr_db=20.0, allow_failures=True)).passed
+
+
+def test_missing_metric_is_inconclusive_not_a_pass(tmp_path: Path) -> None:
+    b = StoreBuilder(tmp_path)
+    b.cell("c0")
+    b.attack("c0", [("img-0", 10.0, 0.2, None)])  # LPIPS unavailable
+    results = load_results(b.close())
+    certificate = certify(results, limits=Limits(min_lpips=0.3))
+    assert not certificate.passed
+    assert certificate.rows[0].checks[0].observed.startswith("inconclusive")
+    assert certify(results, limits=Limits(max_psnr_db=20.0)).passed
+
+
+def test_limits_are_required_and_checked() -> None:
+    with pytest.raises(ValueError, match="at least one limit"):
+        Limits()
+    with pytest.raises(ValueError, match="share"):
+        Limits(max_leak_rate=20.0)
+
+
+def test_scope_names_battery_attacks_and_every_threat_setting(tmp_path: Path) -> None:
+    suite_text = THREAT_SUITE + 'public_proxy = "imagenet"\n'
+    b = StoreBuilder(tmp_path, suite_text=suite_text)
+    b.cell("c0")
+    b.attack("c0", [("img-0", 10.0)], battery="standard-v1", params={"iterations": 4800})
+    certificate = certify(load_results(b.close()), limits=Limits(max_psnr_db=20.0))
+    scope = certificate.scope
+    for text in ("battery standard-v1", '{"iterations": 4800}', "labels=recovered", "bn_stats=none",
+                 "public_proxy=imagenet (setting not interpreted", "1 image(s) of photos(side=16)",
+                 "says nothing about attacks outside this battery"):
+        assert text in scope, text
+    markdown = certificate_markdown(certificate)
+    assert markdown.startswith("### leakbench certify: ✅ PASS (1 of 1 row(s) pass)")
+    assert "**Holds for**: battery standard-v1" in markdown
+
+
+def test_oracle_settings_are_marked_in_the_scope(tmp_path: Path) -> None:
+    b = StoreBuilder(tmp_path, suite_text='[threat_model]\nlabels = "known"\n')
+    b.cell("c0", labels="known")
+    b.attack("c0", [("img-0", 10.0)], labels="known")
+    certificate = certify(load_results(b.close()), limits=Limits(max_psnr_db=20.0))
+    assert "labels=known (ORACLE)" in certificate.scope
+
+
+def test_sanity_flags_are_shown_with_the_verdict(tmp_path: Path) -> None:
+    b = StoreBuilder(tmp_path)
+    b.cell("c0", cell_flags=["zero_update"])
+    b.attack("c0", [("img-0", 10.0)], flags=["pixel_range"])
+    certificate = certify(load_results(b.close()), limits=Limits(max_psnr_db=20.0))
+    assert certificate.rows[0].notes and "zero_update" in certificate.rows[0].notes[0]
+    assert "Sanity flags raised" in certificate_markdown(certificate)
+
+
+def test_written_certificate_links_evidence_files(tmp_path: Path) -> None:
+    path = simple_store(tmp_path / "store", {"lenet|none": [28.0, 8.0]})
+    certificate = certify(load_results(path), limits=Limits(max_psnr_db=20.0), evidence_images=1)
+    markdown_path, html_path = write_certificate(certificate, tmp_path / "out")
+    markdown = markdown_path.read_text()
+    assert "❌ FAIL" in markdown and "[ground truth](certificate/lenet-none-fedsgd_batch_size_1-0-img-0-truth.png)" \
+        in markdown
+    pngs = sorted(p.name for p in (tmp_path / "out" / "certificate").iterdir())
+    assert pngs == ["lenet-none-fedsgd_batch_size_1-0-img-0-reconstruction.png",
+                    "lenet-none-fedsgd_batch_size_1-0-img-0-truth.png"]
+    html = html_path.read_text()
+    assert html.count('src="data:image/png;base64,') == 2 and "FAIL" in html
