@@ -18,28 +18,37 @@ def lenet(
     side: int,
     activation: str = "sigmoid",
     padding_mode: str = "zeros",
+    norm: str = "none",
     init_range: float = 0.5,
 ) -> nn.Module:
     """The LeNet of the DLG paper: three 5x5 convs of 12 channels (strides 2, 2, 1), sigmoid, one linear layer.
 
-    Weights and biases start uniform in (-init_range, init_range), as in DLG's code.
+    Conv and linear weights and biases start uniform in (-init_range, init_range), as in
+    DLG's code; a norm (none in DLG) is inserted after each conv only when asked for, so
+    the default keeps DLG's module layout and parameter names.
     """
     if side % 4:
         raise ValueError(f"lenet needs an image side divisible by 4; got {side}")
-    body = nn.Sequential(
-        conv(in_channels, 12, 5, stride=2, padding_mode=padding_mode),
-        L.activation(activation),
-        conv(12, 12, 5, stride=2, padding_mode=padding_mode),
-        L.activation(activation),
-        conv(12, 12, 5, stride=1, padding_mode=padding_mode),
-        L.activation(activation),
-        nn.Flatten(),
-        nn.Linear(12 * (side // 4) ** 2, num_classes),
-    )
+    layers: list[nn.Module] = []
+    cin = in_channels
+    for stride in (2, 2, 1):
+        layers.append(conv(cin, 12, 5, stride=stride, padding_mode=padding_mode))
+        layers += _optional_norm(norm, 12)
+        layers.append(L.activation(activation))
+        cin = 12
+    body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(12 * (side // 4) ** 2, num_classes))
     with torch.no_grad():
-        for p in body.parameters():
-            p.uniform_(-init_range, init_range)
+        for m in body.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.uniform_(-init_range, init_range)
+                m.bias.uniform_(-init_range, init_range)
     return body
+
+
+def _optional_norm(kind: str, channels: int) -> list[nn.Module]:
+    """``[norm]``, or nothing for ``"none"`` (no Identity module, so parameter names stay those of the plain net)."""
+    layer = L.norm(kind, channels)
+    return [] if isinstance(layer, nn.Identity) else [layer]
 
 
 @VICTIMS.register("convnet", version="1")
@@ -117,10 +126,11 @@ def test_tiny(
     width: int = 4,
     norm: str = "none",
     activation: str = "sigmoid",
+    padding_mode: str = "zeros",
 ) -> nn.Module:
     """A tiny conv net for fast tests: one conv, pooling to 4x4, one linear layer."""
     return nn.Sequential(
-        conv(in_channels, width, 3, stride=2, bias=norm == "none"),
+        conv(in_channels, width, 3, stride=2, padding_mode=padding_mode, bias=norm == "none"),
         L.norm(norm, width),
         L.activation(activation),
         nn.AdaptiveAvgPool2d(4),
