@@ -7,7 +7,8 @@ from typing import Literal
 import torch
 
 from bench.attacks.common import attacker_model
-from bench.attacks.optimize import MATCHING, Schedule, gradient_fn, run_restarts, target_gradients, total_variation
+from bench.attacks.fedavg import update_fn
+from bench.attacks.optimize import MATCHING, Schedule, run_restarts, target_gradients, total_variation
 from bench.attacks.registry import ATTACKS
 from bench.core import Attack, ParamError, Reconstruction
 
@@ -26,7 +27,9 @@ class InvertingGradients(Attack):
             raise ValueError("inverting_gradients needs labels from a label strategy")
         device = next(model.parameters()).device
         attacker = attacker_model(model, observation, device)
-        candidate = gradient_fn(attacker, observation)
+        # FedSGD: the candidates' gradient; FedAvg (section 6 of the paper): the clients' local
+        # SGD steps unrolled on the candidates, as the pseudo-gradient -delta / lr.
+        candidate = update_fn(attacker, observation)
         target = target_gradients(observation, device)
         y = labels.to(device)
         tv_weight = self.tv_weight

@@ -5,6 +5,19 @@ dict of tensors and an objective over one restart's state; this module runs all 
 restarts as one vectorized computation (``torch.func.vmap``), with the optimizer, the
 step schedule, the pixel box, the time budget and the attacker-side choice of the
 winning restart. Selection never looks at the ground truth.
+
+Two optimizers:
+
+- ``run_restarts``: Adam (optionally on the gradient's sign), with a step or cosine
+  learning-rate schedule (``Schedule.decay``) and an optional ``consensus`` that couples
+  the restarts (GradInversion's group consistency).
+- ``run_lbfgs``: ``torch.optim.LBFGS``'s update (which DLG, iDLG and Geng et al. call).
+  One optimizer over the concatenated restarts would be wrong, because L-BFGS's inner
+  products would mix the restarts. Without line search the restarts are batched but
+  independent: every restart keeps its own curvature memory, step and stopping state;
+  only the evaluation of the objective is one vectorized call. With the strong-Wolfe line
+  search, whose control flow differs per restart, the restarts run one after the other
+  through ``torch.optim.LBFGS`` itself.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from bench.attacks.common import as_gradient
 from bench.core import AttackTimeout, Observation
@@ -25,6 +39,8 @@ State = dict[str, torch.Tensor]
 # objective(state of one restart) -> (total loss, matching loss); both scalars
 Objective = Callable[[State], tuple[torch.Tensor, torch.Tensor]]
 Projection = Callable[[State], None]
+# consensus(states of all restarts, restart dimension first) -> shared tensors, detached
+Consensus = Callable[[State], State]
 
 
 @dataclass(frozen=True)
@@ -36,9 +52,34 @@ class Schedule:
     milestones: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)
     gamma: float = 0.1
     signed: bool = True  # step on the sign of the gradient (Geiping et al.)
+    decay: Literal["step", "cosine"] = "step"  # cosine: GradInversion's schedule (to 0 at the end)
+    warmup: int = 0  # iterations of linear warm-up before the decay (cosine only)
 
     def milestone_steps(self) -> list[int]:
         return sorted({max(1, int(math.floor(f * self.iterations))) for f in self.milestones})
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return LR_DECAYS[self.decay](self, optimizer)
+
+
+def _step_decay(schedule: Schedule, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=schedule.milestone_steps(), gamma=schedule.gamma)
+
+
+def _cosine_decay(schedule: Schedule, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``warmup`` iterations, then cosine decay to zero at the last iteration."""
+    warmup = max(0, min(schedule.warmup, schedule.iterations - 1))
+    span = max(1, schedule.iterations - warmup)
+
+    def factor(it: int) -> float:
+        if it < warmup:
+            return (it + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(it - warmup, span) / span))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+LR_DECAYS = {"step": _step_decay, "cosine": _cosine_decay}
 
 
 @dataclass(frozen=True)
@@ -111,17 +152,21 @@ def run_restarts(
     deadline: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     trace_points: int = 50,
+    consensus: Consensus | None = None,
 ) -> RestartResult:
     """Optimize R restarts at once; every tensor of ``init`` has the restart dimension first.
 
     Adam is elementwise, so one optimizer over the stacked restarts behaves exactly as R
-    independent optimizers.
+    independent optimizers. With ``consensus``, the restarts are coupled on purpose: each
+    iteration, ``consensus(all restarts' states)`` (detached) is handed to the objective as
+    a second argument, ``objective(state, shared)``; GradInversion pulls every restart
+    toward the group's mean this way.
     """
     state = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
     restarts = next(iter(state.values())).shape[0]
-    step = torch.func.vmap(torch.func.grad_and_value(objective, has_aux=True))
+    step = _vmapped_step(objective, consensus, restarts)
     optimizer = torch.optim.Adam(list(state.values()), lr=schedule.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=schedule.milestone_steps(), gamma=schedule.gamma)
+    scheduler = schedule.scheduler(optimizer)
     stride = max(1, schedule.iterations // max(1, trace_points))
     trace: list[tuple[int, float]] = []
     report_every = max(1, schedule.iterations // 100)
@@ -143,7 +188,7 @@ def run_restarts(
             progress(it + 1, schedule.iterations)
     with torch.no_grad():
         final = {k: v.detach() for k, v in state.items()}
-        _, matching = torch.func.vmap(objective)(final)
+        _, matching = _vmapped_value(objective, consensus, restarts)(final)
     losses = torch.nan_to_num(matching.detach(), nan=float("inf"))
     best = int(torch.argmin(losses))
     return RestartResult(
@@ -152,3 +197,381 @@ def run_restarts(
         best=best,
         trace=tuple(trace),
     )
+
+
+def over_restarts(fn: Callable, *, restarts: int, shared: bool = False) -> Callable:
+    """``fn`` of one restart's state, mapped over the leading restart dimension.
+
+    ``torch.func.vmap`` for several restarts; for one, a plain call on the squeezed state
+    (the same numbers: vmap's fixed cost made a one-restart L-BFGS step 2-5x slower on a
+    CPU). With ``shared``, ``fn``'s second argument is passed to every restart unbatched.
+    """
+    if restarts > 1:
+        return torch.func.vmap(fn, in_dims=(0, None) if shared else 0)
+
+    def single(states, *rest):
+        out = fn({k: v[0] for k, v in states.items()}, *rest)
+        return tree_map(lambda t: t.unsqueeze(0), out)
+
+    return single
+
+
+def _vmapped_step(objective: Callable, consensus: Consensus | None, restarts: int) -> Callable[[State], tuple]:
+    """``grad_and_value`` of the objective over restarts (fed the consensus, if any)."""
+    inner = over_restarts(torch.func.grad_and_value(objective, has_aux=True), restarts=restarts,
+                          shared=consensus is not None)
+    if consensus is None:
+        return inner
+
+    def step(states: State):
+        shared = {k: v.detach() for k, v in consensus(states).items()}
+        return inner(states, shared)
+
+    return step
+
+
+def _vmapped_value(objective: Callable, consensus: Consensus | None, restarts: int) -> Callable[[State], tuple]:
+    inner = over_restarts(objective, restarts=restarts, shared=consensus is not None)
+    if consensus is None:
+        return inner
+
+    def value(states: State):
+        shared = {k: v.detach() for k, v in consensus(states).items()}
+        return inner(states, shared)
+
+    return value
+
+
+# --------------------------------------------------------------------------- priors and helpers
+
+
+def l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of the candidate images (GradInversion's L2 prior); smooth at zero."""
+    return (x.pow(2).sum() + 1e-12).sqrt()
+
+
+def box_penalty(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Mean squared excursion outside the pixel box: a soft clamp for optimizers that cannot project (L-BFGS)."""
+    return (F.relu(x - hi).pow(2) + F.relu(lo - x).pow(2)).mean()
+
+
+def group_distance(x: torch.Tensor, group_mean: torch.Tensor) -> torch.Tensor:
+    """GradInversion's group consistency: the L2 distance of one restart's images to the group's mean."""
+    return ((x - group_mean).pow(2).sum() + 1e-12).sqrt()
+
+
+def restart_mean(states: State) -> State:
+    """The consensus of GradInversion: the mean image over restarts (no registration step, see gradinversion.py)."""
+    return {"group_mean": states["x"].mean(0)}
+
+
+def initial_images(
+    observation: Observation, *, restarts: int, init: str, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Random candidates in normalized space, one set per restart: ``randn`` (normal in the
+    model's input space) or ``rand`` (uniform pixels in [0, 1], then normalized)."""
+    shape = (restarts, observation.batch_size, *observation.input_shape)
+    return INITS[init](shape, observation, generator).to(device)
+
+
+def _randn_init(shape, observation: Observation, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator)
+
+
+def _rand_init(shape, observation: Observation, generator: torch.Generator) -> torch.Tensor:
+    return observation.normalization.normalize(torch.rand(shape, generator=generator))
+
+
+INITS = {"randn": _randn_init, "rand": _rand_init}
+
+
+def box_projection(observation: Observation, like: torch.Tensor) -> Projection:
+    """Clamps the candidate images ``state["x"]`` into the valid pixel box after every step."""
+    lo, hi = observation.normalization.box(like)
+
+    def project(state: State) -> None:
+        state["x"].copy_(torch.maximum(torch.minimum(state["x"], hi), lo))
+
+    return project
+
+
+def to_pixels(x: torch.Tensor, observation: Observation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate images in [0, 1] (clamped) and before clamping (for the pixel-range sanity flag), on the CPU."""
+    raw = observation.normalization.denormalize(x.detach()).cpu()
+    return raw.clamp(0, 1), raw
+
+
+def bn_statistics_fn(attacker: nn.Module, observation: Observation) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+    """Like ``gradient_fn``, but also returns each BatchNorm layer's input batch mean and
+    (biased) variance, in ``model.modules()`` order: the statistics a client shares under
+    ``bn_stats = "shared"`` (see ``bench.fl``), differentiable with respect to the candidates.
+
+    The statistics come from the same forward pass as the gradient (``has_aux``), so the
+    prior costs no second forward pass.
+    """
+    named = dict(attacker.named_parameters())
+    missing = [n for n in observation.param_names if n not in named]
+    if missing:
+        raise ValueError(f"the observation has parameters the attacker's model lacks: {missing[:3]}")
+    params = {n: named[n].detach() for n in observation.param_names}
+    buffers = {n: b for n, b in attacker.named_buffers()}
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0]
+        dims = [d for d in range(x.dim()) if d != 1]
+        recorded.append((x.mean(dims), x.var(dims, unbiased=False)))
+
+    for module in attacker.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_hook(hook)
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        recorded.clear()
+        out = torch.func.functional_call(attacker, (p, buffers), (x,))
+        stats = tuple(recorded)
+        recorded.clear()
+        return F.cross_entropy(out, y), stats
+
+    grad = torch.func.grad(loss, has_aux=True)
+
+    def candidate(x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple]:
+        g, stats = grad(params, x, y)
+        return tuple(g[n] for n in observation.param_names), stats
+
+    return candidate
+
+
+def bn_prior(stats: tuple, targets: tuple) -> torch.Tensor:
+    """GradInversion's BatchNorm prior: sum over layers of ||mu - mu*||_2 + ||var - var*||_2."""
+    if len(stats) != len(targets):
+        raise ValueError(f"the candidate has {len(stats)} BatchNorm layers, the statistics {len(targets)}")
+    return sum(
+        ((mu - mu_t).pow(2).sum() + 1e-12).sqrt() + ((var - var_t).pow(2).sum() + 1e-12).sqrt()
+        for (mu, var), (mu_t, var_t) in zip(stats, targets)
+    )
+
+
+# --------------------------------------------------------------------------- L-BFGS
+
+
+@dataclass(frozen=True)
+class LBFGSSchedule:
+    """L-BFGS as DLG's code runs it: ``torch.optim.LBFGS(lr=lr)`` (no line search), whose
+    ``step`` makes up to ``inner_steps`` (``max_iter``, default 20) updates, called
+    ``iterations`` times. So ``iterations = 300`` means up to 6 000 updates, each one
+    evaluation of the objective."""
+
+    iterations: int
+    lr: float = 1.0
+    inner_steps: int = 20
+    history_size: int = 100
+    tolerance_grad: float = 1e-7
+    tolerance_change: float = 1e-9
+    line_search: Literal["none", "strong_wolfe"] = "none"
+
+    @property
+    def updates(self) -> int:
+        return self.iterations * self.inner_steps
+
+
+def run_lbfgs(
+    objective: Objective,
+    init: State,
+    *,
+    schedule: LBFGSSchedule,
+    deadline: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    trace_points: int = 50,
+) -> RestartResult:
+    """Minimize R independent restarts with L-BFGS; every tensor of ``init`` has the restart dimension first.
+
+    Each restart returns its best iterate by its own objective; the restarts are then
+    compared by their matching loss, never by the ground truth.
+    """
+    return LINE_SEARCHES[schedule.line_search](objective, init, schedule=schedule, deadline=deadline,
+                                               progress=progress, trace_points=trace_points)
+
+
+def _lbfgs_batched(
+    objective: Objective,
+    init: State,
+    *,
+    schedule: LBFGSSchedule,
+    deadline: float | None,
+    progress: Callable[[int, int], None] | None,
+    trace_points: int,
+) -> RestartResult:
+    """L-BFGS without line search, all restarts in one batched evaluation per update.
+
+    The update is ``torch.optim.LBFGS``'s without line search (first step scaled by
+    min(1, 1/||g||_1), then the fixed ``lr``; curvature pairs with y.s <= 1e-10 skipped),
+    applied per restart with its own memory. Differences from calling that optimizer once
+    per restart, all deliberate: a skipped curvature pair still takes a memory slot (with
+    weight 0) so that the restarts' memories stay aligned; a restart whose direction stops
+    descending, whose gradient vanishes, or whose objective turns non-finite stops where it
+    is (torch's optimizer would stall or carry the NaN on); and each restart returns its
+    best iterate by its own objective, since L-BFGS without line search is not monotone.
+    """
+    keys = list(init)
+    restarts = init[keys[0]].shape[0]
+    shapes = {k: tuple(init[k].shape[1:]) for k in keys}
+    sizes = [math.prod(shapes[k]) for k in keys]
+    step = over_restarts(torch.func.grad_and_value(objective, has_aux=True), restarts=restarts)
+
+    def unflatten(flat: torch.Tensor) -> State:
+        parts = torch.split(flat, sizes, dim=1)
+        return {k: p.reshape(restarts, *shapes[k]) for k, p in zip(keys, parts)}
+
+    def flatten(state: State) -> torch.Tensor:
+        return torch.cat([state[k].reshape(restarts, -1) for k in keys], dim=1)
+
+    def evaluate(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grads, (total, matching) = step(unflatten(flat))
+        return total.detach(), matching.detach(), flatten(grads).detach()
+
+    x = flatten({k: v.detach() for k, v in init.items()}).clone()
+    loss, matching, g = evaluate(x)
+    finite = torch.isfinite(loss) & torch.isfinite(g).all(1)
+    best_x, best_loss = x.clone(), torch.where(finite, loss, torch.full_like(loss, math.inf))
+    active = finite & (g.abs().amax(1) > schedule.tolerance_grad)
+    y_hist: list[torch.Tensor] = []
+    s_hist: list[torch.Tensor] = []
+    rho_hist: list[torch.Tensor] = []
+    h_diag = torch.ones(restarts, dtype=x.dtype, device=x.device)
+    d = -g
+    t = schedule.lr * torch.clamp(1.0 / g.abs().sum(1).clamp_min(1e-30), max=1.0)
+    prev_g = g
+    total = schedule.updates
+    stride = max(1, total // max(1, trace_points))
+    report_every = max(1, total // 100)
+    trace: list[tuple[int, float]] = []
+    done = 0
+    for it in range(total):
+        if deadline is not None and time.monotonic() > deadline:
+            raise AttackTimeout(f"time budget ran out after {it} of {total} L-BFGS updates")
+        if it > 0:
+            y, s = g - prev_g, d * t[:, None]
+            ys = (y * s).sum(1)
+            accepted = ys > 1e-10
+            rho = torch.where(accepted, 1.0 / torch.where(accepted, ys, torch.ones_like(ys)), torch.zeros_like(ys))
+            y_hist.append(y)
+            s_hist.append(s)
+            rho_hist.append(rho)
+            if len(y_hist) > schedule.history_size:
+                y_hist.pop(0), s_hist.pop(0), rho_hist.pop(0)
+            yy = (y * y).sum(1)
+            h_diag = torch.where(accepted, ys / torch.where(accepted, yy, torch.ones_like(yy)), h_diag)
+            d = _two_loop(-g, y_hist, s_hist, rho_hist, h_diag)
+            t = torch.full_like(t, schedule.lr)
+        prev_g = g
+        active = active & ((g * d).sum(1) <= -schedule.tolerance_change)
+        if not bool(active.any()):
+            break
+        step_size = torch.where(active, t, torch.zeros_like(t))
+        x_new = x + step_size[:, None] * d
+        loss_new, matching_new, g_new = evaluate(x_new)
+        ok = torch.isfinite(loss_new) & torch.isfinite(g_new).all(1)
+        moved = active & ok
+        x = torch.where(moved[:, None], x_new, x)
+        g = torch.where(moved[:, None], g_new, g)
+        loss = torch.where(moved, loss_new, loss)
+        matching = torch.where(moved, matching_new, matching)
+        active = moved & (g.abs().amax(1) > schedule.tolerance_grad)
+        better = moved & (loss < best_loss)
+        best_x = torch.where(better[:, None], x, best_x)
+        best_loss = torch.where(better, loss, best_loss)
+        done = it + 1
+        if it % stride == 0 or it == total - 1:
+            trace.append((it, float(torch.nan_to_num(matching, nan=math.inf).min())))
+        if progress is not None and (it % report_every == 0 or it == total - 1):
+            progress(it + 1, total)
+    if progress is not None and done < total:
+        progress(total, total)  # converged early: the remaining updates would not move
+    with torch.no_grad():
+        final = unflatten(best_x)
+        _, matching = over_restarts(objective, restarts=restarts)(final)
+    losses = torch.nan_to_num(matching.detach(), nan=float("inf"))
+    best = int(torch.argmin(losses))
+    return RestartResult(
+        state={k: v[best] for k, v in final.items()},
+        matching_losses=losses.cpu(),
+        best=best,
+        trace=tuple(trace),
+    )
+
+
+def _two_loop(q: torch.Tensor, ys: list[torch.Tensor], ss: list[torch.Tensor], rhos: list[torch.Tensor],
+              h_diag: torch.Tensor) -> torch.Tensor:
+    """L-BFGS two-loop recursion, per restart (rows); a pair with rho = 0 contributes nothing."""
+    alphas = []
+    for y, s, rho in zip(reversed(ys), reversed(ss), reversed(rhos)):
+        a = rho * (s * q).sum(1)
+        q = q - a[:, None] * y
+        alphas.append(a)
+    r = q * h_diag[:, None]
+    for (y, s, rho), a in zip(zip(ys, ss, rhos), reversed(alphas)):
+        b = rho * (y * r).sum(1)
+        r = r + s * (a - b)[:, None]
+    return r
+
+
+def _lbfgs_strong_wolfe(
+    objective: Objective,
+    init: State,
+    *,
+    schedule: LBFGSSchedule,
+    deadline: float | None,
+    progress: Callable[[int, int], None] | None,
+    trace_points: int,
+) -> RestartResult:
+    """``torch.optim.LBFGS(line_search_fn="strong_wolfe")``, one restart after the other.
+
+    ``iterations`` calls of ``step`` with ``max_iter = inner_steps``; the line search
+    costs extra evaluations (torch caps them at 1.25 x inner_steps per call). The best
+    iterate by the objective is kept, as in the batched form.
+    """
+    keys = list(init)
+    restarts = init[keys[0]].shape[0]
+    value_and_grad = torch.func.grad_and_value(objective, has_aux=True)
+    total = schedule.iterations * restarts
+    stride = max(1, schedule.iterations // max(1, trace_points))
+    finals: list[State] = []
+    trace: list[tuple[int, float]] = []
+    best_matching = [math.inf] * schedule.iterations
+    for r in range(restarts):
+        params = [init[k][r].detach().clone().requires_grad_(True) for k in keys]
+        optimizer = torch.optim.LBFGS(params, lr=schedule.lr, max_iter=schedule.inner_steps,
+                                      history_size=schedule.history_size, tolerance_grad=schedule.tolerance_grad,
+                                      tolerance_change=schedule.tolerance_change, line_search_fn="strong_wolfe")
+        best = {"loss": math.inf, "state": {k: p.detach().clone() for k, p in zip(keys, params)}, "matching": math.inf}
+
+        def closure() -> torch.Tensor:
+            if deadline is not None and time.monotonic() > deadline:
+                raise AttackTimeout(f"time budget ran out in restart {r + 1} of {restarts} (L-BFGS, strong Wolfe)")
+            state = {k: p.detach() for k, p in zip(keys, params)}
+            grads, (loss, matching) = value_and_grad(state)
+            for k, p in zip(keys, params):
+                p.grad = grads[k].detach()
+            loss_value = float(loss)
+            if math.isfinite(loss_value) and loss_value < best["loss"]:
+                best.update(loss=loss_value, state={k: v.clone() for k, v in state.items()}, matching=float(matching))
+            return loss.detach()
+
+        for it in range(schedule.iterations):
+            optimizer.step(closure)
+            best_matching[it] = min(best_matching[it], best["matching"])
+            if progress is not None:
+                progress(r * schedule.iterations + it + 1, total)
+        finals.append(best["state"])
+    trace = [(it * schedule.inner_steps, best_matching[it]) for it in range(0, schedule.iterations, stride)]
+    with torch.no_grad():
+        final = {k: torch.stack([f[k] for f in finals]) for k in keys}
+        _, matching = over_restarts(objective, restarts=restarts)(final)
+    losses = torch.nan_to_num(matching.detach(), nan=float("inf"))
+    winner = int(torch.argmin(losses))
+    return RestartResult(state={k: v[winner] for k, v in final.items()}, matching_losses=losses.cpu(), best=winner,
+                         trace=tuple(trace))
+
+
+LINE_SEARCHES = {"none": _lbfgs_batched, "strong_wolfe": _lbfgs_strong_wolfe}

@@ -10,7 +10,19 @@ from defenses import DEFENSES
 from victims import build_victim
 
 # Small budgets for the contract; each attack's own parameters, named by registry name.
-TINY_PARAMS = {"inverting_gradients": {"iterations": 10, "restarts": 2}}
+TINY_PARAMS = {
+    "inverting_gradients": {"iterations": 10, "restarts": 2},
+    "dlg": {"iterations": 2, "inner_steps": 3},
+    "idlg": {"iterations": 2, "inner_steps": 3},
+    "gradinversion": {"iterations": 6, "restarts": 2, "warmup": 2, "bn_prior": "running"},
+    "geng": {"iterations": 2, "inner_steps": 3},
+    # untrained tiny generators: nothing trained, nothing written to the cache (tests/unit/test_gias.py covers those)
+    "gias": {"prior": {"generator": {"name": "dcgan", "width": 4}, "epochs": 0}, "restarts": 2,
+             "latent": {"iterations": 3}, "weights": {"iterations": 3}},
+    "giml": {"prior": {"generator": {"name": "dcgan", "width": 4}, "epochs": 0}, "restarts": 2,
+             "meta": {"dataset": {"name": "photos", "split": "public"}, "epochs": 0},
+             "latent": {"iterations": 3}, "weights": {"iterations": 3}},
+}
 # The victim each attack needs (analytic_fc needs a first fully connected layer).
 VICTIM_FOR = {"analytic_fc": ("fc", {"hidden": 16})}
 
@@ -95,3 +107,46 @@ def test_observation_holds_only_what_the_server_sees(smooth_batch):
         # no tensor in the observation has the shape of the private images
         if isinstance(value, torch.Tensor):
             assert value.shape != batch.images.shape
+
+
+# Every label strategy, at a batch size it supports; "known" and "none" have their own tests.
+LABEL_BATCH = {"idlg": 1}
+RECOVERING = [n for n in LABELS.names() if n not in ("known", "none")]
+
+
+@pytest.mark.parametrize("name", RECOVERING)
+def test_label_strategy_shape_range_and_determinism(name, smooth_batch):
+    b = LABEL_BATCH.get(name, 4)
+    batch = smooth_batch(b, side=16)
+    obs, model = observe("test_tiny", {}, batch)
+    strategy = LABELS.build(name)
+    labels = strategy.recover(obs, model, generator=generator(3))
+    assert labels.shape == (b,) and labels.dtype == torch.int64 and labels.device.type == "cpu"
+    assert int(labels.min()) >= 0 and int(labels.max()) < batch.num_classes
+    assert torch.equal(strategy.recover(obs, model, generator=generator(3)), labels)
+
+
+@pytest.mark.parametrize("name", RECOVERING)
+def test_label_strategy_never_reads_the_true_labels(name, smooth_batch):
+    """Granted labels in the observation change nothing: a strategy that recovers must not peek."""
+    import dataclasses
+
+    b = LABEL_BATCH.get(name, 4)
+    batch = smooth_batch(b, side=16)
+    obs, model = observe("test_tiny", {}, batch)
+    honest = LABELS.build(name).recover(obs, model, generator=generator(3))
+    forged = dataclasses.replace(obs, known_labels=(batch.labels + 3) % batch.num_classes)
+    assert torch.equal(LABELS.build(name).recover(forged, model, generator=generator(3)), honest)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_attack_declares_whether_it_uses_labels(name, smooth_batch):
+    """Attacks that need no labels run with labels=None (the runner recovers none for them)."""
+    attack = ATTACKS.build(name, **TINY_PARAMS.get(name, {}))
+    if attack.uses_labels:
+        return
+    batch = smooth_batch(1, side=16)
+    victim, params = VICTIM_FOR.get(name, ("test_tiny", {}))
+    obs, model = observe(victim, params, batch)
+    recon = attack.reconstruct(obs, model, labels=None, generator=generator(1))
+    assert recon.images.shape == batch.images.shape
