@@ -10,7 +10,7 @@ OUT ?= results/quick
 # Add a suite here when it becomes a reference; `make leaderboards` reruns only what its store lacks.
 REFERENCE_SUITES ?= suites/quick.toml
 
-.PHONY: run test check bench clean-results leaderboards
+.PHONY: run test test-all check bench clean-results leaderboards
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 check: $(STAMP)
 	$(BIN)/leakbench check $(SUITE)

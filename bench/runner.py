@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import components
+from bench import components, sanity
 from bench.core import AttackTimeout, Batch, ThreatModelError, derive_seed, generator
+from bench.fl import utility_cost
 from bench.metrics import get_lpips, score
-from bench.store import ResultRow, Store, store_path
+from bench.store import ResultRow, Store, run_lock, store_path
 from bench.suite import AttackSpec, Cell, Suite
 from victims import build_victim
 
@@ -141,7 +142,7 @@ def run_suite(
     reg = components.registries()
     path = store_path(out_dir)
     started = time.monotonic()
-    with Store(path) as store:
+    with run_lock(out_dir), Store(path) as store:
         if retry_failed:
             forgotten = store.forget_failed(suite.hash)
             if forgotten:
@@ -187,26 +188,38 @@ def run_suite(
 def _run_cell(cell: Cell, attacks: list[AttackSpec], *, store: Store, run_id: int, suite: Suite, dataset,
               victims: _Cache, device: torch.device, lpips_scorer, progress: Progress, summary: RunSummary) -> None:
     reg = components.registries()
-    batch = dataset.batch(list(cell.image_indices))
+    defense_info: dict = {}
+    victim_info: dict = {}
+    client_error: str | None = None
+    observation = client_model = None
+    indices = cell.image_indices
+    try:
+        defense = reg["defense"].build(cell.defense.name, **cell.defense.kwargs())
+        # A defense may choose which images the client trains on together (label disguising):
+        # the rows then score those images.
+        indices = defense.compose_batch(indices, label_of=lambda i: dataset.get(i)[1], pool_size=len(dataset),
+                                        generator=generator(cell.suite_seed, cell.key, "compose"))
+    except Exception as err:  # a broken cell is data: every attack gets an error row
+        client_error = f"client update failed: {type(err).__name__}: {err}"
+    batch = dataset.batch(list(indices))
     batch = Batch(images=batch.images.to(device), labels=batch.labels.to(device), image_ids=batch.image_ids,
                   normalization=batch.normalization, num_classes=batch.num_classes)
     truth_pngs = {slot: to_png(img) for slot, img in enumerate(batch.images)}
-    defense_info: dict = {}
-    client_error: str | None = None
-    observation = client_model = None
-    try:
-        model = victims.get(cell.victim_seed_parts, lambda: build_victim(
-            cell.victim.name, cell.victim.kwargs(), num_classes=dataset.num_classes, in_channels=dataset.channels,
-            side=dataset.side, seed=derive_seed(*cell.victim_seed_parts)).to(device))
-        defense = reg["defense"].build(cell.defense.name, **cell.defense.kwargs())
-        protocol = reg["protocol"].build(cell.protocol.name, **cell.protocol.kwargs())
-        observation, client_model = protocol.client_update(
-            model, batch, defense=defense, threat=cell.threat, generator=generator(cell.suite_seed, cell.key, "client"))
-        defense_info = defense.describe()
-    except Exception as err:  # a broken cell is data: every attack gets an error row
-        client_error = f"client update failed: {type(err).__name__}: {err}"
+    if client_error is None:
+        try:
+            model, victim_info = victims.get(cell.victim_seed_parts,
+                                             lambda: _server_model(cell, dataset, device=device, progress=progress))
+            protocol = reg["protocol"].build(cell.protocol.name, **cell.protocol.kwargs())
+            observation, client_model = protocol.client_update(
+                model, batch, defense=defense, threat=cell.threat,
+                generator=generator(cell.suite_seed, cell.key, "client"))
+            defense_info = {**defense.describe(), **_utility(protocol, model, batch, defense, observation, cell)}
+        except Exception as err:  # a broken cell is data: every attack gets an error row
+            client_error = f"client update failed: {type(err).__name__}: {err}"
+    if client_error is not None:
         log.warning("cell %s: %s", cell.key, client_error)
-    store.put_cell(suite.hash, cell.key, _cell_fields(cell, batch.size, defense_info))
+    cell_flags = sanity.update_flags(observation) if observation is not None else []
+    store.put_cell(suite.hash, cell.key, _cell_fields(cell, batch.size, defense_info, victim_info, cell_flags))
     for attack in attacks:
         description = f"{cell.victim.label()} | {cell.defense.label()} | batch {cell.batch_index} | {attack.name}"
         progress.task(description)
@@ -225,12 +238,56 @@ def _run_cell(cell: Cell, attacks: list[AttackSpec], *, store: Store, run_id: in
         status = rows[0].status
         summary.statuses[status] = summary.statuses.get(status, 0) + 1
         progress.advance(status)
+    if sanity.checks_leak(defense=cell.defense.name, batch_size=batch.size) and client_error is None:
+        # over every attack of the cell, including those stored by an earlier (resumed) run
+        stored = store.conn.execute("SELECT psnr_db FROM results WHERE suite_hash = ? AND cell_key = ?",
+                                    (suite.hash, cell.key)).fetchall()
+        flags = sanity.leak_flags([r[0] for r in stored], grey_db=sanity.grey_psnr_db(batch.images)[0])
+        if flags:
+            store.put_cell(suite.hash, cell.key,
+                           _cell_fields(cell, batch.size, defense_info, victim_info, cell_flags + flags))
 
 
-def _cell_fields(cell: Cell, batch_size: int, defense_info: dict) -> dict:
+def _utility(protocol, model, batch: Batch, defense, observation, cell: Cell) -> dict:
+    """The defense's utility cost (cosine to the undefended update), for the cell's row only:
+    never part of the observation. Same client generator, so a shuffling client keeps its order."""
+    try:
+        return utility_cost(protocol, model, batch, defense=defense, defended=observation,
+                            generator=generator(cell.suite_seed, cell.key, "client"))
+    except Exception as err:  # a missing utility number must not cost the cell its attacks
+        log.warning("cell %s: utility cost failed: %s", cell.key, err)
+        return {"utility_error": f"{type(err).__name__}: {err}"}
+
+
+def _server_model(cell: Cell, dataset, *, device: torch.device, progress: Progress) -> tuple[torch.nn.Module, dict]:
+    """The model the server sends, and what the cell's row says about it (``victim_info_json``).
+
+    ``state = "init"``: weights from the cell's victim seed. ``state = "trained"``: the
+    checkpoint of the victim's recipe, trained on first use (with progress) and loaded
+    from the cache (``$LEAKBENCH_CACHE/victims``) afterwards; its test accuracy is
+    measured on the suite's data set, the images the suite attacks.
+    """
+    context = {"num_classes": dataset.num_classes, "in_channels": dataset.channels, "side": dataset.side}
+    recipe = getattr(cell.victim, "recipe", None)
+    if recipe is None:
+        model = build_victim(cell.victim.name, cell.victim.kwargs(), **context, seed=derive_seed(*cell.victim_seed_parts))
+        return model.to(device), {"state": "init", "parameters": sum(p.numel() for p in model.parameters())}
+    from victims.training import load_or_train
+
+    train_set = components.registries()["dataset"].build(recipe.dataset, **recipe.dataset_kwargs())
+    progress.task(f"{cell.victim.label()} | training or loading the checkpoint")
+    trained = load_or_train(cell.victim.name, cell.victim.kwargs(), recipe=recipe, train_set=train_set,
+                            test_set=dataset, **context, device=device, progress=progress.iterations)
+    return trained.model, trained.info()
+
+
+def _cell_fields(cell: Cell, batch_size: int, defense_info: dict, victim_info: dict | None = None,
+                 flags: list[str] | None = None) -> dict:
     from bench.suite import dumps
 
     return {
+        "victim_info_json": dumps(victim_info or {}),
+        "cell_flags_json": dumps(list(flags or [])),
         "case_index": cell.case_index,
         "dataset": cell.dataset.label(),
         "victim": cell.victim.name,
@@ -261,15 +318,19 @@ def _attack_rows(cell: Cell, spec: AttackSpec, observation, client_model, batch:
     reg = components.registries()
     try:
         attack = reg["attack"].build(spec.name, **spec.kwargs())
-        strategy = reg["labels"].build(spec.labels.name, **spec.labels.kwargs())
-        labels = strategy.recover(observation, client_model)
+        labels = None
+        if attack.uses_labels:  # DLG infers its own; a strategy's error must not fail an attack that needs none
+            strategy = reg["labels"].build(spec.labels.name, **spec.labels.kwargs())
+            # seeded by the strategy, not the attack: attacks sharing a strategy in a cell share its labels
+            labels = strategy.recover(observation, client_model,
+                                      generator=generator(cell.suite_seed, cell.key, spec.labels.identity(), "labels"))
         deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
         recon = attack.reconstruct(
             observation, client_model, labels=labels,
             generator=generator(cell.suite_seed, cell.key, spec.key, "attack"),
             deadline=deadline, progress=progress.iterations,
         )
-        if recon.labels is None:
+        if recon.labels is None and labels is not None:
             recon = type(recon)(**{**recon.__dict__, "labels": labels.cpu()})
         scored = score(recon, _cpu(batch), lpips_scorer=lpips_scorer)
     except AttackTimeout as err:
@@ -291,6 +352,7 @@ def _attack_rows(cell: Cell, spec: AttackSpec, observation, client_model, batch:
             psnr_db=s.psnr_db, ssim=s.ssim, lpips=s.lpips, lpips_note=scored.lpips_reason,
             label_accuracy=scored.label_accuracy, matched_slot=s.matched_index, matching_loss=recon.matching_loss,
             iterations=recon.iterations, restarts=recon.restarts, trace=recon.trace,
+            flags=sanity.reconstruction_flags(recon, s.matched_index),
         ))
     return rows, pngs
 

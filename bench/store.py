@@ -136,6 +136,38 @@ def store_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / STORE_FILENAME
 
 
+@contextmanager
+def run_lock(out_dir: str | Path) -> Iterator[None]:
+    """Hold the store's run lock: one run writes to a store at a time.
+
+    The lock is an advisory ``flock`` on ``leakbench.lock`` beside the store; the kernel
+    drops it when the process dies, so a killed run never leaves a stale lock behind.
+    """
+    import fcntl
+    import os
+
+    path = Path(out_dir) / "leakbench.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise StoreError(
+                f"another leakbench run (pid {owner}) is writing to {Path(out_dir)}; wait for it to finish, "
+                "or pass another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Store:
     """A connection to one SQLite store file."""
 

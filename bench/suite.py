@@ -22,6 +22,9 @@ import torch
 from bench.core import ParamError, Registry, ThreatModel, did_you_mean, short_hash
 from bench.core.registry import Entry
 
+if typing.TYPE_CHECKING:
+    from victims.training import Recipe
+
 
 class SuiteError(ValueError):
     """A suite that cannot run; ``problems`` lists every (path, message)."""
@@ -62,13 +65,39 @@ class ComponentSpec:
 class AttackSpec(ComponentSpec):
     labels: ComponentSpec = field(default_factory=lambda: ComponentSpec("none", "0"))
     timeout_s: float | None = None
+    battery: str | None = None  # the battery this attack came from (bench/attacks/battery.py), if any
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "labels": self.labels.identity(), "timeout_s": self.timeout_s}
+        identity = {**super().identity(), "labels": self.labels.identity(), "timeout_s": self.timeout_s}
+        if self.battery is not None:  # absent for listed attacks, so their keys are what they were
+            identity["battery"] = self.battery
+        return identity
 
     @property
     def key(self) -> str:
         return short_hash(self.identity())
+
+
+@dataclass(frozen=True)
+class VictimSpec(ComponentSpec):
+    """A victim and its training state: ``"init"`` (seeded initialization) or ``"trained"`` under ``recipe``.
+
+    An untrained victim's identity is its component's, so cell keys and seeds of suites
+    without training states are what they were; a trained one adds the state and the
+    whole recipe, so another recipe (fewer epochs under a smoke budget) is another victim.
+    """
+
+    state: str = "init"
+    recipe: Recipe | None = None
+
+    def identity(self) -> dict[str, Any]:
+        if self.recipe is None:
+            return super().identity()
+        return {**super().identity(), "state": self.state, "recipe": self.recipe.identity()}
+
+    def label(self) -> str:
+        base = super().label()
+        return base if self.recipe is None else f"{base} trained[{self.recipe.label()}]"
 
 
 @dataclass(frozen=True)
@@ -333,8 +362,10 @@ def _component(
 
 
 SUITE_KEYS = ("name", "description", "seed", "images", "trials", "leak_threshold")
-CASE_KEYS = ("victim", "defense", "protocol", "labels", "attacks", "trials", "note")
+CASE_KEYS = ("victim", "defense", "protocol", "labels", "attacks", "battery", "trials", "note")
 ATTACK_EXTRA_KEYS = ("labels", "timeout_s")
+VICTIM_EXTRA_KEYS = ("state", "recipe")
+VICTIM_STATES = ("init", "trained")
 THRESHOLD_METRICS = ("psnr_db", "ssim", "lpips")
 
 
@@ -382,13 +413,27 @@ def _cap(table: Any) -> Any:
     return out
 
 
+def _images_per_batch(raw: dict) -> int:
+    """The most images one cell of the suite needs (a protocol's batch_size counts every client's images)."""
+    need = 1
+    cases = raw.get("case")
+    for case in cases if isinstance(cases, list) else []:
+        protocol = case.get("protocol") if isinstance(case, dict) else None
+        if isinstance(protocol, dict):
+            size = protocol.get("batch_size", 1)
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                need = max(need, size)
+    return need
+
+
 def _smoke(raw: dict) -> dict:
     raw = dict(raw)
     suite = raw.get("suite")
     if isinstance(suite, dict):
         suite = dict(suite)
         if isinstance(suite.get("images"), int) and not isinstance(suite.get("images"), bool):
-            suite["images"] = min(suite["images"], SMOKE_IMAGES)
+            # keep enough images for the largest batch, so smoke checks every case
+            suite["images"] = min(suite["images"], max(SMOKE_IMAGES, _images_per_batch(raw)))
         if isinstance(suite.get("trials"), int) and not isinstance(suite.get("trials"), bool):
             suite["trials"] = 1
         raw["suite"] = suite
@@ -445,13 +490,13 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
     expanded: list[tuple[int, ComponentSpec, ComponentSpec, ComponentSpec, tuple[AttackSpec, ...], int]] = []
     for i, case in enumerate(cases):
         cp = f"case[{i}]"
-        case = c.table(case, cp, allowed=CASE_KEYS, required=("victim", "attacks"))
+        case = c.table(case, cp, allowed=CASE_KEYS, required=("victim",))
         if not case:
             continue
         case_trials = c.value(case, "trials", cp, int, trials, check=lambda v: v >= 1, hint="at least one trial")
         c.value(case, "note", cp, str, "")
-        victims = _one_or_many(c, case.get("victim"), _join(cp, "victim"), reg["victim"],
-                               reserved=reg["victim_context"], probe=victim_probe)
+        victims = _victims(c, case.get("victim"), _join(cp, "victim"), reg, probe=victim_probe, dataset=dataset,
+                           dataset_spec=dataset_spec)
         defenses = _one_or_many(c, case.get("defense", "none"), _join(cp, "defense"), reg["defense"],
                                 probe=_instantiate)
         protocol, _ = _component(c, case.get("protocol", "fedsgd"), _join(cp, "protocol"), reg["protocol"],
@@ -462,12 +507,21 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
                 c.add(_join(cp, "protocol.batch_size"),
                       f"batch size {bs} is larger than the {images} images the suite attacks (suite.images)")
         default_labels = case.get("labels", "known" if threat.labels == "known" else "idlg")
-        attacks = _attacks(c, case.get("attacks"), _join(cp, "attacks"), reg, default_labels=default_labels,
-                           labels_path=_join(cp, "labels") if "labels" in case else None, threat=threat)
+        battery = _battery_name(c, case, cp)
+        attacks = ()
+        if "attacks" in case or battery is None:
+            attacks = _attacks(c, case.get("attacks"), _join(cp, "attacks"), reg, default_labels=default_labels,
+                               labels_path=_join(cp, "labels") if "labels" in case else None, threat=threat)
         for v in victims:
+            # a battery's attacks depend on the victim (closed forms exist for some) and the batch size
+            with_battery = attacks
+            if battery is not None and protocol is not None:
+                with_battery = attacks + _battery_attacks(c, battery, _join(cp, "battery"), reg, victim=v,
+                                                          batch_size=protocol.kwargs().get("batch_size", 1),
+                                                          dataset=dataset, threat=threat)
             for d in defenses:
                 if protocol is not None:
-                    expanded.append((i, v, d, protocol, attacks, case_trials))
+                    expanded.append((i, v, d, protocol, with_battery, case_trials))
 
     if c.problems:
         raise SuiteError(source, c.problems)
@@ -511,10 +565,122 @@ def _one_or_many(c: _Checker, raw: Any, path: str, registry: Registry, **kw) -> 
     return specs
 
 
+def _victims(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, probe, dataset,
+             dataset_spec: ComponentSpec | None) -> list[VictimSpec]:
+    """One victim or a list (a sweep); each may carry ``state`` and, when trained, a ``recipe`` table."""
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        c.add(path, "an empty list names nothing to run")
+    specs = []
+    for j, item in enumerate(items):
+        vp = _join(path, j) if isinstance(raw, list) else path
+        spec, extras = _component(c, item, vp, reg["victim"], reserved=reg["victim_context"],
+                                  extra_keys=VICTIM_EXTRA_KEYS, probe=probe)
+        state = c.value(extras, "state", vp, str, None, check=lambda v: v in VICTIM_STATES,
+                        hint="one of " + ", ".join(VICTIM_STATES))
+        if state is None and "state" in extras:
+            continue
+        state = state or "init"
+        recipe = None
+        if state == "trained" and "recipe" not in extras:
+            c.add(_join(vp, "recipe"), 'required with state = "trained": a table stating how the victim is trained, '
+                                       'e.g. { dataset = { name = "photos", split = "public" }, epochs = 20 }')
+            continue
+        if state != "trained" and "recipe" in extras:
+            c.add(_join(vp, "state"), 'a recipe trains the victim: set state = "trained", or drop the recipe to '
+                                      'attack the seeded initialization')
+            continue
+        if state == "trained":
+            recipe = _recipe(c, extras["recipe"], _join(vp, "recipe"), reg, dataset=dataset, dataset_spec=dataset_spec)
+        if spec is not None and (state == "init" or recipe is not None):
+            specs.append(VictimSpec(name=spec.name, version=spec.version, params=spec.params, given=spec.given,
+                                    state=state, recipe=recipe))
+    return specs
+
+
+def _recipe(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, dataset,
+            dataset_spec: ComponentSpec | None) -> Recipe | None:
+    """A training recipe. Its data set gets the attacked set's side and must match its classes and channels,
+    and differ from it: test accuracy is measured on the attacked images, which training must not see."""
+    from victims.training import RECIPE_REQUIRED, Recipe, recipe_problems
+
+    before = len(c.problems)
+    keys = Recipe.suite_keys()
+    t = c.table(raw, path, allowed=keys, required=RECIPE_REQUIRED)
+    hints = typing.get_type_hints(Recipe)
+    values = {k: c.value(t, k, path, hints[k], None) for k in keys if k != "dataset" and k in t}
+    for key, message in recipe_problems({k: v for k, v in values.items() if v is not None}):
+        c.add(_join(path, key), f"impossible value: {message}")
+    train = params = None
+    if "dataset" in t:
+        dp = _join(path, "dataset")
+        train, _ = _component(c, t["dataset"], dp, reg["dataset"], reserved=("side",))
+        if train is not None and dataset is not None and dataset_spec is not None:
+            params = train.kwargs()
+            if "side" in reg["dataset"].get(train.name).parameters():
+                params["side"] = dataset.side
+            try:
+                train_set = reg["dataset"].build(train.name, **params)
+            except (OSError, ValueError) as err:
+                c.add(dp, f"cannot build the training set: {err}")
+            else:
+                if (train_set.num_classes, train_set.channels) != (dataset.num_classes, dataset.channels):
+                    c.add(dp, f"{train_set.name} has {train_set.num_classes} classes and {train_set.channels} "
+                              f"channel(s), the attacked data set {dataset.num_classes} and {dataset.channels}; "
+                              "a victim is trained for the attacked data set's classes")
+                if train.name == dataset_spec.name and params == dataset_spec.kwargs():
+                    c.add(dp, "the recipe trains on the attacked images themselves; test accuracy is measured on "
+                              "them, so train on a disjoint split (photos: split = \"public\"; cifar10: "
+                              "split = \"train\")")
+    if len(c.problems) > before or train is None or params is None:
+        return None
+    return Recipe(dataset=train.name, dataset_params=params, dataset_version=train.version, **values)
+
+
+def _battery_name(c: _Checker, case: Mapping, cp: str) -> str | None:
+    """The case's ``battery`` (a known name) or None; a case needs attacks, a battery, or both (``_attacks``)."""
+    from bench.attacks.battery import battery_names
+
+    if "battery" not in case:
+        return None
+    name = c.value(case, "battery", cp, str, None)
+    if name is not None and name not in battery_names():
+        c.add(_join(cp, "battery"), f"unknown battery {name!r}{did_you_mean(name, battery_names())}; "
+                                    f"known: {', '.join(battery_names())}")
+        return None
+    return name
+
+
+def _battery_attacks(c: _Checker, name: str, path: str, reg: Mapping[str, Registry], *, victim: ComponentSpec,
+                     batch_size: int, dataset, threat: ThreatModel) -> tuple[AttackSpec, ...]:
+    """A battery's attacks for one victim, validated like listed ones; the budget may swap the battery (smoke)."""
+    from dataclasses import replace
+
+    from bench.attacks.battery import effective_battery, resolve_battery
+
+    budget = getattr(c, "budget", "full")
+    model = None
+    if dataset is not None:
+        try:
+            with torch.device("meta"):
+                model = reg["victim"].get(victim.name).factory(
+                    num_classes=dataset.num_classes, in_channels=dataset.channels, side=dataset.side, **victim.kwargs())
+        except Exception:  # the victim's own validation reports it; here it only means "do not filter"
+            model = None
+    tables = resolve_battery(name, budget=budget, batch_size=batch_size, bn_stats=threat.bn_stats, model=model,
+                             num_classes=None if dataset is None else dataset.num_classes,
+                             known_labels=threat.labels == "known")
+    specs = _attacks(c, list(tables), path, reg, default_labels="idlg", labels_path=None, threat=threat)
+    return tuple(replace(s, battery=effective_battery(name, budget=budget)) for s in specs)
+
+
 def _attacks(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, default_labels: Any,
              labels_path: str | None, threat: ThreatModel) -> tuple[AttackSpec, ...]:
     if not isinstance(raw, list) or not raw:
-        c.add(path, "a case needs at least one [[case.attacks]] table")
+        from bench.attacks.battery import battery_names
+
+        c.add(path, "a case needs at least one [[case.attacks]] table, or a battery "
+                    f"(battery = \"standard-v1\"; known: {', '.join(battery_names())})")
         return ()
     specs = []
     for j, item in enumerate(raw):

@@ -32,8 +32,31 @@ class Defense:
 
     1. ``prepare(model)``: change the model the client trains (e.g. Opacus swaps BatchNorm).
     2. ``client_gradients(...)``: change how the client computes its gradient (e.g. per-example clipping).
+       FedAvg clients call it once per local step.
     3. ``transform(update)``: change the update after it is computed (e.g. sparsify, add noise).
+
+    One more, for defenses that choose *which* images a client trains on together
+    (label disguising): ``compose_batch``, called by the runner where the batch is built.
     """
+
+    #: whether the update depends on the ``generator`` (noise, stochastic rounding); the
+    #: contract tests check that another generator then gives another update.
+    randomized: bool = False
+
+    def compose_batch(
+        self,
+        indices: tuple[int, ...],
+        *,
+        label_of: Callable[[int], int],
+        pool_size: int,
+        generator: torch.Generator,
+    ) -> tuple[int, ...]:
+        """The data-set indices the client trains on; by default the cell's own images.
+
+        ``label_of(i)`` is the label of data-set image ``i``; ``pool_size`` the data set's
+        length (indices ``0 .. pool_size - 1`` may be drawn). Must return as many indices.
+        """
+        return indices
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
@@ -63,8 +86,14 @@ class LabelStrategy(ABC):
     """Recovers the labels of a batch from an observation, never from the client's data."""
 
     @abstractmethod
-    def recover(self, observation: Observation, model: nn.Module) -> torch.Tensor:
-        """Labels of shape (batch_size,), int64."""
+    def recover(
+        self, observation: Observation, model: nn.Module, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Labels of shape (batch_size,), int64, on the CPU.
+
+        ``generator`` feeds strategies that query the model on random dummy inputs (Geng et
+        al.'s zero-shot counts); strategies that draw nothing ignore it.
+        """
 
 
 class Attack(ABC):

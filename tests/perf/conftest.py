@@ -1,0 +1,1 @@
+"""Benchmarks are opt-in: `make bench` (pytest-benchmark, --benchmark-only)."""
