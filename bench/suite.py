@@ -534,7 +534,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
     cells: list[Cell] = []
     for case_index, victim, defense, protocol, attacks, case_trials in expanded:
         bs = protocol.kwargs().get("batch_size", 1)
-        for b in range(images // bs):
+        for b in range(min(images // bs, 1) if budget == "smoke" else images // bs):  # smoke: one batch per case
             for t in range(case_trials):
                 cells.append(Cell(
                     suite_seed=seed, case_index=case_index, dataset=dataset_spec, victim=victim,

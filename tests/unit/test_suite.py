@@ -161,3 +161,9 @@ def test_smoke_budget_keeps_enough_images_for_the_largest_batch():
     text = GOOD.replace("images = 4", "images = 8").replace("batch_size = 2", "batch_size = 4")
     smoke = parse_suite(text, budget="smoke")
     assert len(smoke.cells) == 1 and len(smoke.cells[0].image_indices) == 4
+
+
+def test_smoke_budget_attacks_one_batch_per_case():
+    text = GOOD.replace("images = 4", "images = 8")
+    assert len(parse_suite(text).cells) == 4
+    assert len(parse_suite(text, budget="smoke").cells) == 1
