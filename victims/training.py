@@ -29,7 +29,6 @@ sidecar per test set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.core import Batch, Normalization, ParamError, derive_seed, short_hash
+from bench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
 from victims.registry import CONTEXT_PARAMS, VICTIMS, build_victim
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def load_or_train(
         accuracy, count = evaluate(model, test_set, device=device)
         evaluation = {"test_set": test_set.name, "accuracy": accuracy, "images": count}
         meta.setdefault("evaluations", {})[test_id] = evaluation
-        _write_json(files.meta, meta)
+        write_json_atomic(files.meta, meta)
     log.info("victim %s (%s): test accuracy %.1f%% on %d images of %s", name, key, 100 * evaluation["accuracy"],
              evaluation["images"], evaluation["test_set"])
     return TrainedVictim(
@@ -365,7 +365,7 @@ def _train(model: nn.Module, *, recipe: Recipe, train_set: LabelledImages, files
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen})
         log.info("victim %s: epoch %d/%d, loss %.4f, train accuracy %.1f%%", key, epoch + 1, recipe.epochs,
                  loss_sum / seen, 100 * correct / seen)
-        _atomic_save({"model": _cpu_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+        atomic_save({"model": cpu_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                       "history": history}, files.partial)
     return history, recipe.epochs - start
 
@@ -386,19 +386,19 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, files: _Files) -
 
 
 def _save_checkpoint(model: nn.Module, files: _Files, *, identity: dict, history: list[dict]) -> dict:
-    _atomic_save(_cpu_state(model), files.weights)
+    atomic_save(cpu_state(model), files.weights)
     meta = {
         "format": TRAINING_FORMAT,
         "key": files.key,
         "identity": identity,
-        "sha256": _sha256(files.weights),
+        "sha256": sha256_file(files.weights),
         "bytes": files.weights.stat().st_size,
         "history": history,
         "evaluations": {},
         "torch": torch.__version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json(files.meta, meta)
+    write_json_atomic(files.meta, meta)
     files.partial.unlink(missing_ok=True)
     log.info("victim %s: checkpoint saved to %s", files.key, files.weights)
     return meta
@@ -412,7 +412,7 @@ def _load_checkpoint(model: nn.Module, files: _Files) -> dict | None:
         meta = json.loads(files.meta.read_text(encoding="utf-8"))
         if meta.get("format") != TRAINING_FORMAT or meta.get("key") != files.key:
             raise ValueError(f"sidecar describes format {meta.get('format')} / key {meta.get('key')}")
-        digest = _sha256(files.weights)
+        digest = sha256_file(files.weights)
         if digest != meta.get("sha256"):
             raise ValueError(f"SHA-256 {digest[:12]}... does not match the recorded {str(meta.get('sha256'))[:12]}...")
         state = torch.load(files.weights, map_location="cpu", weights_only=True)
@@ -463,29 +463,8 @@ def _thawed(value: Any) -> Any:
     return [_thawed(v) for v in value] if isinstance(value, tuple) else value
 
 
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed, then renamed over ``path``."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, sort_keys=True, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)

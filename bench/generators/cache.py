@@ -25,9 +25,10 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from bench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class CacheEntry:
             meta = json.loads(self.meta.read_text(encoding="utf-8"))
             if meta.get("format") != self.format or meta.get("key") != self.key:
                 raise ValueError(f"sidecar describes format {meta.get('format')} / key {meta.get('key')}")
-            digest = sha256(self.weights)
+            digest = sha256_file(self.weights)
             if digest != meta.get("sha256"):
                 raise ValueError(f"SHA-256 {digest[:12]}... does not match the recorded "
                                  f"{str(meta.get('sha256'))[:12]}...")
@@ -95,13 +96,13 @@ class CacheEntry:
             "format": self.format,
             "key": self.key,
             "identity": identity,
-            "sha256": sha256(self.weights),
+            "sha256": sha256_file(self.weights),
             "bytes": self.weights.stat().st_size,
             "history": history,
             "torch": torch.__version__,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_json(self.meta, meta)
+        write_json_atomic(self.meta, meta)
         self.partial.unlink(missing_ok=True)
         log.info("generator %s: saved %s", self.key, self.weights)
         return meta
@@ -122,32 +123,12 @@ class CacheEntry:
         atomic_save(state, self.partial)
 
 
-def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed, then renamed over ``path``."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, sort_keys=True, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def fingerprint(module: nn.Module) -> str:

@@ -176,9 +176,9 @@ def test_cache_loads_with_weights_only(tmp_path, caplog):
     torch.save({"payload": Path("/")}, first.checkpoint)  # not a tensor: weights_only refuses it
     entry = CacheEntry(tmp_path, first.key, TRAINING_FORMAT)
     meta = json.loads(entry.meta.read_text())
-    from bench.generators.cache import sha256, write_json
+    from bench.core.files import sha256_file, write_json_atomic
 
-    write_json(entry.meta, {**meta, "sha256": sha256(entry.weights)})
+    write_json_atomic(entry.meta, {**meta, "sha256": sha256_file(entry.weights)})
     with caplog.at_level(logging.WARNING, logger=LOG):
         again = load_or_train_prior(spec, side=SIDE, channels=3, cache_dir=tmp_path)
     assert again.trained_epochs == 1 and "corrupt" in caplog.text
