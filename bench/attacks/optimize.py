@@ -164,7 +164,7 @@ def run_restarts(
     """
     state = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
     restarts = next(iter(state.values())).shape[0]
-    step = _vmapped_step(objective, consensus, restarts)
+    step = _vmapped(torch.func.grad_and_value(objective, has_aux=True), consensus, restarts)
     optimizer = torch.optim.Adam(list(state.values()), lr=schedule.lr)
     scheduler = schedule.scheduler(optimizer)
     stride = max(1, schedule.iterations // max(1, trace_points))
@@ -188,7 +188,7 @@ def run_restarts(
             progress(it + 1, schedule.iterations)
     with torch.no_grad():
         final = {k: v.detach() for k, v in state.items()}
-        _, matching = _vmapped_value(objective, consensus, restarts)(final)
+        _, matching = _vmapped(objective, consensus, restarts)(final)
     losses = torch.nan_to_num(matching.detach(), nan=float("inf"))
     best = int(torch.argmin(losses))
     return RestartResult(
@@ -216,30 +216,17 @@ def over_restarts(fn: Callable, *, restarts: int, shared: bool = False) -> Calla
     return single
 
 
-def _vmapped_step(objective: Callable, consensus: Consensus | None, restarts: int) -> Callable[[State], tuple]:
-    """``grad_and_value`` of the objective over restarts (fed the consensus, if any)."""
-    inner = over_restarts(torch.func.grad_and_value(objective, has_aux=True), restarts=restarts,
-                          shared=consensus is not None)
+def _vmapped(fn: Callable, consensus: Consensus | None, restarts: int) -> Callable[[State], tuple]:
+    """``fn`` of one restart's state applied over all restarts (fed the consensus, if any)."""
+    inner = over_restarts(fn, restarts=restarts, shared=consensus is not None)
     if consensus is None:
         return inner
 
-    def step(states: State):
+    def apply(states: State):
         shared = {k: v.detach() for k, v in consensus(states).items()}
         return inner(states, shared)
 
-    return step
-
-
-def _vmapped_value(objective: Callable, consensus: Consensus | None, restarts: int) -> Callable[[State], tuple]:
-    inner = over_restarts(objective, restarts=restarts, shared=consensus is not None)
-    if consensus is None:
-        return inner
-
-    def value(states: State):
-        shared = {k: v.detach() for k, v in consensus(states).items()}
-        return inner(states, shared)
-
-    return value
+    return apply
 
 
 # --------------------------------------------------------------------------- priors and helpers
