@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = TqdmProgress(enabled=not args.quiet)
     try:
         summary = run_suite(suite, out_dir=out, device=args.device, retry_failed=args.retry_failed,
-                            progress=progress, argv=shlex.join(sys.argv))
+                            progress=progress, argv=shlex.join(sys.argv), **_execution(args))
     except (StoreError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -201,7 +201,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
             print(f"{missing} attack run(s) of suite {suite.name!r} are not in {out}; running them", file=sys.stderr)
             run_suite(suite, out_dir=out, device=args.device, progress=TqdmProgress(enabled=not args.quiet),
-                      argv=shlex.join(sys.argv))
+                      argv=shlex.join(sys.argv), **_execution(args))
         results = reports.load_results(store_path(out), suite_hash=suite.hash)
         certificate = certify(results, limits=limits, evidence_images=args.evidence)
     except (StoreError, reports.ReportError, ValueError) as err:
@@ -240,6 +240,32 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _execution(args: argparse.Namespace) -> dict:
+    from bench.attacks.optimize import Acceleration
+
+    return {"executor": args.executor, "workers": args.workers, "max_pack": args.pack_size,
+            "ray_address": args.address, "acceleration": Acceleration(compile=args.compile, tf32=args.tf32)}
+
+
+def _execution_options(parser: argparse.ArgumentParser) -> None:
+    from bench.execute import DEFAULT_MAX_PACK
+    from bench.executors import EXECUTORS
+
+    group = parser.add_argument_group("execution (results do not depend on these, up to floating-point order)")
+    group.add_argument("--executor", default="local", choices=EXECUTORS,
+                       help="local: this process; processes: one worker per GPU (or --workers CPU workers); "
+                            "ray: a Ray cluster (pip install 'leakbench[ray]')")
+    group.add_argument("--workers", type=int, help="worker processes (processes: default one per GPU) or Ray tasks "
+                                                   "in flight (ray: default the cluster's GPUs, else CPUs)")
+    group.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray)")
+    group.add_argument("--pack-size", type=int, default=DEFAULT_MAX_PACK,
+                       help=f"cells per pack and reconstructions per batched attack call (default {DEFAULT_MAX_PACK}; "
+                            "1 runs every reconstruction alone); on a GPU also capped by measured free memory")
+    group.add_argument("--compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
+                       help="torch.compile the attack step (reduce-overhead: CUDA graphs on a GPU)")
+    group.add_argument("--tf32", action="store_true", help="TensorFloat-32 matmuls/convolutions (Ampere+ GPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leakbench", description="Audit how much federated-learning updates leak.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -253,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", default="full", choices=("full", "smoke"),
                      help="smoke: 2 images, 4 iterations, 1 restart, 1 epoch — checks that every cell runs, says nothing about leakage")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _execution_options(run)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a suite without running anything")
@@ -305,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--no-run", action="store_true", help="never run attacks: exit 2 if the store lacks some")
     cert.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _execution_options(cert)
     cert.set_defaults(func=cmd_certify)
     return parser
 

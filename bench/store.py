@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STORE_FILENAME = "leakbench.sqlite"
 STATUSES = ("ok", "error", "timeout", "oom")
 
@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS results (
     flags_json TEXT NOT NULL DEFAULT '[]',  -- sanity flags raised for this row (see bench/sanity)
     battery TEXT,                           -- the battery the attack came from, e.g. standard-v1
     created_utc TEXT NOT NULL,
+    execution_json TEXT NOT NULL DEFAULT '{}',  -- how it ran: pack size, memory limit, OOM splits, attempt, worker
     PRIMARY KEY (suite_hash, cell_key, attack_key, image_slot)
 );
 CREATE TABLE IF NOT EXISTS images (
@@ -99,6 +100,12 @@ CREATE TABLE IF NOT EXISTS images (
     PRIMARY KEY (suite_hash, cell_key, attack_key, image_slot)
 );
 """
+
+
+#: statements that take a store from schema version i to i + 1 (old rows keep their numbers)
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE results ADD COLUMN execution_json TEXT NOT NULL DEFAULT '{}'",),
+}
 
 
 class StoreError(RuntimeError):
@@ -202,6 +209,12 @@ class Store:
                     if statement.strip():
                         self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version < SCHEMA_VERSION:
+            with self.transaction():
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step]:
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.conn.close()
@@ -288,6 +301,7 @@ class Store:
         truth_pngs: dict[int, bytes],
         reconstruction_pngs: dict[int, bytes],
         created_utc: str,
+        execution: dict[str, Any] | None = None,
     ) -> None:
         """All rows of one (cell, attack) and their images, atomically."""
         rows = list(rows)
@@ -301,14 +315,14 @@ class Store:
                     "INSERT INTO results (suite_hash, cell_key, attack_key, image_slot, run_id, attack, attack_version,"
                     " attack_json, label_strategy, label_strategy_version, image_id, true_label, status, error, psnr_db,"
                     " ssim, lpips, lpips_note, label_accuracy, matched_slot, matching_loss, seconds, iterations, restarts,"
-                    " trace_json, flags_json, battery, created_utc) VALUES (" + ", ".join("?" * 28) + ")",
+                    " trace_json, flags_json, battery, created_utc, execution_json) VALUES (" + ", ".join("?" * 29) + ")",
                     (
                         suite_hash, cell_key, attack_key, r.image_slot, run_id, attack["name"], attack["version"],
                         json.dumps(attack["params"], sort_keys=True), attack["labels"]["name"],
                         attack["labels"]["version"], r.image_id, r.true_label, r.status, r.error, r.psnr_db, r.ssim,
                         r.lpips, r.lpips_note, r.label_accuracy, r.matched_slot, r.matching_loss, r.seconds,
                         r.iterations, r.restarts, json.dumps(list(r.trace)), json.dumps(list(r.flags)),
-                        attack.get("battery"), created_utc,
+                        attack.get("battery"), created_utc, json.dumps(execution or {}, sort_keys=True),
                     ),
                 )
 

@@ -1,19 +1,27 @@
-"""Inverting Gradients (Geiping et al. 2020): cosine gradient matching plus total variation."""
+"""Inverting Gradients (Geiping et al. 2020): cosine gradient matching plus total variation.
+
+Packable: observations of the same model with the same shape of update (``pack_signature``)
+are reconstructed together, restarts × observations as one vectorized computation
+(``optimize.run_packed``); each observation keeps its own target, labels and seeded
+initialization, so a pack gives what the separate calls give.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
 from bench.attacks.common import attacker_model
 from bench.attacks.fedavg import update_fn
-from bench.attacks.optimize import MATCHING, Schedule, run_restarts, target_gradients, total_variation
+from bench.attacks.optimize import MATCHING, Schedule, run_packed, target_gradients, total_variation
 from bench.attacks.registry import ATTACKS
-from bench.core import Attack, ParamError, Reconstruction
+from bench.core import Attack, Observation, ParamError, Reconstruction
 
 
 class InvertingGradients(Attack):
+    packable = True
+
     def __init__(self, *, iterations: int, restarts: int, lr: float, tv_weight: float, init: str, signed: bool):
         self.iterations = iterations
         self.restarts = restarts
@@ -22,54 +30,68 @@ class InvertingGradients(Attack):
         self.init = init
         self.signed = signed
 
+    def pack_signature(self, observation: Observation) -> tuple:
+        o = observation
+        return (o.kind, o.param_names, tuple(tuple(u.shape) for u in o.update), o.batch_size, o.input_shape,
+                o.bn_mode, o.protocol, o.local_steps, o.local_batch_size, o.local_lr, o.clients, o.normalization)
+
     def reconstruct(self, observation, model, *, labels, generator, deadline=None, progress=None):
-        if labels is None:
+        return self.reconstruct_many([observation], model, labels=[labels], generators=[generator],
+                                     deadline=deadline, progress=progress)[0]
+
+    def reconstruct_many(self, observations: Sequence[Observation], model, *, labels, generators, deadline=None,
+                         progress=None) -> list[Reconstruction]:
+        if any(y is None for y in labels):
             raise ValueError("inverting_gradients needs labels from a label strategy")
+        first = observations[0]
+        if any(self.pack_signature(o) != self.pack_signature(first) for o in observations[1:]):
+            raise ValueError("observations of different shapes cannot share a pack")
         device = next(model.parameters()).device
-        attacker = attacker_model(model, observation, device)
+        attacker = attacker_model(model, first, device)
         # FedSGD: the candidates' gradient; FedAvg (section 6 of the paper): the clients' local
         # SGD steps unrolled on the candidates, as the pseudo-gradient -delta / lr.
-        candidate = update_fn(attacker, observation)
-        target = target_gradients(observation, device)
-        y = labels.to(device)
+        candidate = update_fn(attacker, first)
+        targets = [target_gradients(o, device) for o in observations]
+        layers = len(targets[0])
+        inputs = {f"t{i}": torch.stack([t[i] for t in targets]) for i in range(layers)}
+        inputs["y"] = torch.stack([y.to(device) for y in labels])
         tv_weight = self.tv_weight
         distance = MATCHING["cosine"]
 
-        def objective(state):
+        def objective(state, given):
             x = state["x"]
-            matching = distance(candidate(x, y), target)
+            matching = distance(candidate(x, given["y"]), tuple(given[f"t{i}"] for i in range(layers)))
             return matching + tv_weight * total_variation(x), matching
 
-        shape = (self.restarts, observation.batch_size, *observation.input_shape)
-        if self.init == "randn":
-            x0 = torch.randn(shape, generator=generator)
-        else:
-            x0 = torch.rand(shape, generator=generator)
-            x0 = observation.normalization.normalize(x0)
-        x0 = x0.to(device)
-        lo, hi = observation.normalization.box(x0)
+        shape = (self.restarts, first.batch_size, *first.input_shape)
+        x0 = torch.cat([self._initial(shape, o, g) for o, g in zip(observations, generators)]).to(device)
+        lo, hi = first.normalization.box(x0)
 
         def project(state):
             state["x"].copy_(torch.maximum(torch.minimum(state["x"], hi), lo))
 
         project({"x": x0})
-        result = run_restarts(
-            objective,
-            {"x": x0},
+        results = run_packed(
+            objective, {"x": x0}, groups=len(observations), inputs=inputs,
             schedule=Schedule(iterations=self.iterations, lr=self.lr, signed=self.signed),
-            project=project,
-            deadline=deadline,
-            progress=progress,
+            project=project, deadline=deadline, progress=progress,
         )
-        images = observation.normalization.denormalize(result.state["x"]).clamp(0, 1).cpu()
-        return Reconstruction(
-            images=images,
-            labels=labels.cpu(),
-            matching_loss=float(result.matching_losses[result.best]),
-            trace=result.trace,
-            iterations=self.iterations,
-            restarts=self.restarts,
-        )
+        return [
+            Reconstruction(
+                images=o.normalization.denormalize(r.state["x"]).clamp(0, 1).cpu(),
+                labels=y.cpu(),
+                matching_loss=float(r.matching_losses[r.best]),
+                trace=r.trace,
+                iterations=self.iterations,
+                restarts=self.restarts,
+            )
+            for o, y, r in zip(observations, labels, results)
+        ]
+
+    def _initial(self, shape: tuple, observation: Observation, generator: torch.Generator) -> torch.Tensor:
+        if self.init == "randn":
+            return torch.randn(shape, generator=generator)
+        return observation.normalization.normalize(torch.rand(shape, generator=generator))
 
 
 @ATTACKS.register("inverting_gradients", version="1")

@@ -61,6 +61,12 @@ class Schedule:
     def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return LR_DECAYS[self.decay](self, optimizer)
 
+    def factor(self, it: int) -> float:
+        """The learning rate of iteration ``it`` (0-based) over ``lr``: what ``scheduler`` sets."""
+        if self.decay == "step":
+            return self.gamma ** sum(1 for m in self.milestone_steps() if m <= it)
+        return _cosine_factor(self)(it)
+
 
 def _step_decay(schedule: Schedule, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=schedule.milestone_steps(), gamma=schedule.gamma)
@@ -68,6 +74,10 @@ def _step_decay(schedule: Schedule, optimizer: torch.optim.Optimizer) -> torch.o
 
 def _cosine_decay(schedule: Schedule, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up over ``warmup`` iterations, then cosine decay to zero at the last iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_factor(schedule))
+
+
+def _cosine_factor(schedule: Schedule) -> Callable[[int], float]:
     warmup = max(0, min(schedule.warmup, schedule.iterations - 1))
     span = max(1, schedule.iterations - warmup)
 
@@ -76,10 +86,43 @@ def _cosine_decay(schedule: Schedule, optimizer: torch.optim.Optimizer) -> torch
             return (it + 1) / (warmup + 1)
         return 0.5 * (1 + math.cos(math.pi * min(it - warmup, span) / span))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
 LR_DECAYS = {"step": _step_decay, "cosine": _cosine_decay}
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """Optional speed-ups of the optimization step, off by default; each must keep results
+    within tolerance of plain fp32 (tests/unit/test_packing.py checks what runs on a CPU).
+
+    - ``compile``: ``torch.compile`` of the vectorized step; ``"reduce-overhead"`` also
+      captures CUDA graphs on a GPU. Compilation costs seconds per new pack shape: it pays
+      off for long attacks, not for smoke runs.
+    - ``tf32``: TensorFloat-32 matmuls and convolutions on Ampere+ GPUs (no effect on a CPU).
+    """
+
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    tf32: bool = False
+
+    def apply(self) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
+        _ACCELERATION[0] = self
+
+    def wrap(self, step: Callable) -> Callable:
+        if self.compile == "off":
+            return step
+        return torch.compile(step, mode=None if self.compile == "default" else self.compile, dynamic=False)
+
+
+_ACCELERATION = [Acceleration()]
+
+
+def acceleration() -> Acceleration:
+    """The speed-ups this process was configured with (``Acceleration.apply``)."""
+    return _ACCELERATION[0]
 
 
 @dataclass(frozen=True)
@@ -88,6 +131,7 @@ class RestartResult:
     matching_losses: torch.Tensor  # (R,) final attacker-side loss of every restart
     best: int
     trace: tuple[tuple[int, float], ...]  # (iteration, best matching loss so far over restarts)
+    iterations: int = 0  # iterations its restarts ran (fewer than the budget when they stopped early)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -153,50 +197,163 @@ def run_restarts(
     progress: Callable[[int, int], None] | None = None,
     trace_points: int = 50,
     consensus: Consensus | None = None,
+    stop_loss: float | None = None,
 ) -> RestartResult:
-    """Optimize R restarts at once; every tensor of ``init`` has the restart dimension first.
+    """Optimize R restarts of one reconstruction at once; every tensor of ``init`` has the restart dimension first.
 
-    Adam is elementwise, so one optimizer over the stacked restarts behaves exactly as R
-    independent optimizers. With ``consensus``, the restarts are coupled on purpose: each
-    iteration, ``consensus(all restarts' states)`` (detached) is handed to the objective as
-    a second argument, ``objective(state, shared)``; GradInversion pulls every restart
-    toward the group's mean this way.
+    With ``consensus``, the restarts are coupled on purpose: each iteration,
+    ``consensus(all restarts' states)`` (detached) is handed to the objective as a second
+    argument, ``objective(state, shared)``; GradInversion pulls every restart toward the
+    group's mean this way. See ``run_packed`` for the rest.
     """
-    state = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
-    restarts = next(iter(state.values())).shape[0]
-    step = _vmapped(torch.func.grad_and_value(objective, has_aux=True), consensus, restarts)
-    optimizer = torch.optim.Adam(list(state.values()), lr=schedule.lr)
-    scheduler = schedule.scheduler(optimizer)
+    return run_packed(objective, init, groups=1, schedule=schedule, project=project, deadline=deadline,
+                      progress=progress, trace_points=trace_points, consensus=consensus, stop_loss=stop_loss)[0]
+
+
+def run_packed(
+    objective: Callable,
+    init: State,
+    *,
+    groups: int,
+    schedule: Schedule,
+    inputs: State | None = None,
+    lr_scale: torch.Tensor | None = None,
+    project: Projection | None = None,
+    deadline: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    trace_points: int = 50,
+    consensus: Consensus | None = None,
+    stop_loss: float | None = None,
+) -> list[RestartResult]:
+    """Optimize ``groups`` independent reconstructions of R restarts each as one vectorized computation.
+
+    Every tensor of ``init`` has G·R rows first (reconstruction g's restarts in rows
+    g·R .. g·R + R − 1). ``inputs`` holds what differs between reconstructions but is not
+    optimized (the target update, the labels), G rows first; the objective is then
+    ``objective(state, inputs_of_its_reconstruction)``, else ``objective(state)``. Each
+    reconstruction is normalized over its own candidates only (BatchNorm in train mode
+    included), so a pack gives what G separate runs give, up to floating-point order.
+
+    Adam (on the gradient's sign when ``schedule.signed``) is written out elementwise so
+    that each reconstruction keeps its own learning rate (``schedule.lr`` × ``lr_scale[g]``)
+    and its own stopping: a restart whose matching loss falls below ``stop_loss`` is frozen,
+    and the pack ends when every restart is. The winner of each reconstruction is its
+    restart with the lowest final matching loss (attacker-side; never the ground truth).
+    """
+    if consensus is not None and groups != 1:
+        raise ValueError("a consensus couples the restarts of one reconstruction; it cannot be packed (groups must be 1)")
+    state = {k: v.detach().clone() for k, v in init.items()}
+    rows = next(iter(state.values())).shape[0]
+    if groups < 1 or rows % groups:
+        raise ValueError(f"{rows} candidate rows cannot be split into {groups} reconstructions")
+    restarts = rows // groups
+    device = next(iter(state.values())).device
+    if inputs is not None:
+        inputs = {k: v.detach() for k, v in inputs.items()}
+        if any(v.shape[0] != groups for v in inputs.values()):
+            raise ValueError(f"every per-reconstruction input must have {groups} rows first")
+    step = acceleration().wrap(_mapped(torch.func.grad_and_value(objective, has_aux=True), groups, restarts, inputs,
+                                       consensus))
+    evaluate = _mapped(objective, groups, restarts, inputs, consensus)
+    scale = torch.ones(groups, device=device) if lr_scale is None else lr_scale.to(device=device, dtype=torch.float32)
+    lr_rows = (schedule.lr * scale).repeat_interleave(restarts)
+    adam = _Adam(state)
+    active = torch.ones(rows, dtype=torch.bool, device=device)
+    ran = torch.zeros(rows, dtype=torch.long)
     stride = max(1, schedule.iterations // max(1, trace_points))
-    trace: list[tuple[int, float]] = []
+    traces: list[list[tuple[int, float]]] = [[] for _ in range(groups)]
     report_every = max(1, schedule.iterations // 100)
     for it in range(schedule.iterations):
         if deadline is not None and time.monotonic() > deadline:
             raise AttackTimeout(f"time budget ran out after {it} of {schedule.iterations} iterations")
-        grads, (_, matching) = step({k: v.detach() for k, v in state.items()})
-        for k, v in state.items():
-            g = grads[k]
-            v.grad = g.sign() if schedule.signed else g
-        optimizer.step()
-        scheduler.step()
+        grads, (_, matching) = step(state)
+        if stop_loss is not None:
+            active &= ~(matching.detach() < stop_loss)
+            if not bool(active.any()):
+                break
+        ran += active.cpu().long()
+        adam.step(state, {k: g.sign() if schedule.signed else g for k, g in grads.items()},
+                  lr=lr_rows * schedule.factor(it), active=active)
         if project is not None:
             with torch.no_grad():
                 project(state)
         if it % stride == 0 or it == schedule.iterations - 1:
-            trace.append((it, float(matching.min())))
+            best_so_far = matching.detach().view(groups, restarts).min(1).values.tolist()
+            for g in range(groups):
+                traces[g].append((it, float(best_so_far[g])))
         if progress is not None and (it % report_every == 0 or it == schedule.iterations - 1):
             progress(it + 1, schedule.iterations)
     with torch.no_grad():
-        final = {k: v.detach() for k, v in state.items()}
-        _, matching = _vmapped(objective, consensus, restarts)(final)
-    losses = torch.nan_to_num(matching.detach(), nan=float("inf"))
-    best = int(torch.argmin(losses))
-    return RestartResult(
-        state={k: v[best] for k, v in final.items()},
-        matching_losses=losses.cpu(),
-        best=best,
-        trace=tuple(trace),
-    )
+        _, matching = evaluate(state)
+    losses = torch.nan_to_num(matching.detach(), nan=float("inf")).view(groups, restarts).cpu()
+    results = []
+    for g in range(groups):
+        best = int(torch.argmin(losses[g]))
+        results.append(RestartResult(
+            state={k: v[g * restarts + best].detach() for k, v in state.items()},
+            matching_losses=losses[g].clone(), best=best, trace=tuple(traces[g]),
+            iterations=int(ran[g * restarts:(g + 1) * restarts].max()),
+        ))
+    return results
+
+
+class _Adam:
+    """Adam (β 0.9, 0.999, ε 1e-8) with one learning rate per leading row and a mask of rows to move.
+
+    The same arithmetic as ``torch.optim.Adam``; a frozen row keeps its moments and its state.
+    """
+
+    def __init__(self, state: State, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.m = {k: torch.zeros_like(v) for k, v in state.items()}
+        self.v = {k: torch.zeros_like(v) for k, v in state.items()}
+
+    @torch.no_grad()
+    def step(self, state: State, grads: State, *, lr: torch.Tensor, active: torch.Tensor) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1 = 1 - b1 ** self.t
+        c2 = math.sqrt(1 - b2 ** self.t)
+        for k, x in state.items():
+            g = grads[k]
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            m = torch.where(active.view(shape), self.m[k].lerp(g, 1 - b1), self.m[k])
+            v = torch.where(active.view(shape), self.v[k] * b2 + (1 - b2) * g * g, self.v[k])
+            self.m[k], self.v[k] = m, v
+            denom = (v.sqrt() / c2).add_(self.eps)
+            move = (lr / c1).view(shape) * active.view(shape)
+            x.sub_(move * m / denom)
+
+
+def _mapped(fn: Callable, groups: int, restarts: int, inputs: State | None, consensus: Consensus | None) -> Callable:
+    """``fn`` of one restart's state, applied to the G·R stacked rows of ``state``.
+
+    One reconstruction: over its restarts (``torch.func.vmap``; a plain call for a single
+    restart, whose numbers are the same without vmap's fixed cost, which made a one-restart
+    L-BFGS step 2-5x slower on a CPU), with its inputs and the consensus passed unbatched.
+    Several: an outer vmap over reconstructions (their inputs batched) around the inner one,
+    so each reconstruction's inputs are shared by its restarts without being copied.
+    """
+    if groups == 1:
+        shared = inputs is not None or consensus is not None
+        inner = over_restarts(fn, restarts=restarts, shared=shared)
+        if consensus is not None:
+            def apply(states: State):
+                return inner(states, {k: v.detach() for k, v in consensus(states).items()})
+            return apply
+        if inputs is not None:
+            one = {k: v[0] for k, v in inputs.items()}
+            return lambda states: inner(states, one)
+        return inner
+    inner = fn if restarts == 1 else torch.func.vmap(fn, in_dims=(0, None))
+    outer = torch.func.vmap(inner, in_dims=(0, 0))
+
+    def apply(states: State):
+        split = {k: v.reshape(groups, restarts, *v.shape[1:]) if restarts > 1 else v for k, v in states.items()}
+        out = outer(split, inputs if inputs is not None else {})
+        return tree_map(lambda t: t.reshape(groups * restarts, *t.shape[2:]) if restarts > 1 else t, out)
+
+    return apply
 
 
 def over_restarts(fn: Callable, *, restarts: int, shared: bool = False) -> Callable:
@@ -214,19 +371,6 @@ def over_restarts(fn: Callable, *, restarts: int, shared: bool = False) -> Calla
         return tree_map(lambda t: t.unsqueeze(0), out)
 
     return single
-
-
-def _vmapped(fn: Callable, consensus: Consensus | None, restarts: int) -> Callable[[State], tuple]:
-    """``fn`` of one restart's state applied over all restarts (fed the consensus, if any)."""
-    inner = over_restarts(fn, restarts=restarts, shared=consensus is not None)
-    if consensus is None:
-        return inner
-
-    def apply(states: State):
-        shared = {k: v.detach() for k, v in consensus(states).items()}
-        return inner(states, shared)
-
-    return apply
 
 
 # --------------------------------------------------------------------------- priors and helpers

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -118,6 +118,33 @@ class Attack(ABC):
         ``deadline`` is a ``time.monotonic()`` value after which the attack raises
         ``AttackTimeout``; ``progress(done, total)`` reports iterations.
         """
+
+    #: whether ``reconstruct_many`` advances several reconstructions as one batched computation
+    packable: bool = False
+
+    def pack_signature(self, observation: Observation) -> tuple | None:
+        """What must be equal for observations to share a pack (with the same model), or
+        None when this observation cannot be packed. Only for ``packable`` attacks."""
+        return None
+
+    def reconstruct_many(
+        self,
+        observations: Sequence[Observation],
+        model: nn.Module,
+        *,
+        labels: Sequence[torch.Tensor | None],
+        generators: Sequence[torch.Generator],
+        deadline: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Reconstruction]:
+        """``reconstruct`` for several observations of the same model at once (one pack).
+
+        Each reconstruction draws its initialization from its own generator, exactly as
+        ``reconstruct`` would, so a pack gives the same answers as the sequential calls up
+        to floating-point order. The default runs them one after the other.
+        """
+        return [self.reconstruct(o, model, labels=y, generator=g, deadline=deadline, progress=progress)
+                for o, y, g in zip(observations, labels, generators)]
 
 
 class AttackTimeout(TimeoutError):

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from bench.attacks.common import attacker_model
-from bench.attacks.optimize import MATCHING, Schedule, gradient_fn, run_restarts, target_gradients, total_variation
+from bench.attacks import ATTACKS
+from bench.attacks.optimize import (
+    MATCHING,
+    Schedule,
+    gradient_fn,
+    run_packed,
+    run_restarts,
+    target_gradients,
+    total_variation,
+)
 from bench.core import ThreatModel, generator
 from bench.fl import PROTOCOLS
 from defenses import DEFENSES
@@ -62,3 +71,75 @@ def test_bn_train_mode_normalizes_each_restart_by_its_own_batch(smooth_batch):
     _, both = torch.func.vmap(objective)({"x": x})
     _, other = torch.func.vmap(objective)({"x": torch.stack([x[0], 10 * x[1]])})
     assert torch.allclose(both[0], other[0], atol=1e-6)
+
+
+def _observations(smooth_batch, victim, params, bn_mode, cells):
+    """``cells`` observations of one model: different images (and so different targets and labels)."""
+    model = build_victim(victim, params, num_classes=8, in_channels=3, side=16, seed=0)
+    out = []
+    for c in range(cells):
+        batch = smooth_batch(2 + 2 * c, side=16)
+        batch = type(batch)(images=batch.images[2 * c:], labels=batch.labels[2 * c:], image_ids=batch.image_ids[2 * c:],
+                            normalization=batch.normalization, num_classes=batch.num_classes)
+        obs, client = PROTOCOLS.build("fedsgd", batch_size=2, bn_mode=bn_mode).client_update(
+            model, batch, defense=DEFENSES.build("none"), threat=ThreatModel(), generator=generator(c))
+        out.append((obs, client, batch.labels))
+    return out
+
+
+@pytest.mark.parametrize("victim,params,bn_mode", [
+    ("lenet", {}, "train"),
+    ("test_tiny", {"norm": "batch", "activation": "relu"}, "train"),  # BatchNorm: each cell normalized on its own
+])
+def test_a_pack_of_cells_matches_the_cells_one_by_one(smooth_batch, victim, params, bn_mode):
+    """Cells × restarts in one pack give each cell what its own run gives, from the same seeds."""
+    cells = _observations(smooth_batch, victim, params, bn_mode, 3)
+    attack = ATTACKS.build("inverting_gradients", iterations=16, restarts=2, lr=0.1, tv_weight=1e-2)
+    model = cells[0][1]
+    packed = attack.reconstruct_many([o for o, _, _ in cells], model, labels=[y for _, _, y in cells],
+                                     generators=[generator(10 + c) for c in range(3)])
+    assert len({float(r.matching_loss) for r in packed}) == 3  # three different problems
+    for c, (obs, client, y) in enumerate(cells):
+        alone = attack.reconstruct(obs, client, labels=y, generator=generator(10 + c))
+        assert abs(alone.matching_loss - packed[c].matching_loss) < 1e-5 * max(1.0, alone.matching_loss)
+        assert (alone.images - packed[c].images).abs().max() < 1e-4
+        assert [i for i, _ in packed[c].trace] == [i for i, _ in alone.trace]
+        assert [v for _, v in packed[c].trace] == pytest.approx([v for _, v in alone.trace], rel=1e-4, abs=1e-6)
+
+
+def test_packed_adam_matches_torch_adam_and_keeps_each_rows_learning_rate():
+    """The elementwise Adam of a pack is torch's Adam; a row at lr × 0 does not move."""
+    target = torch.randn(4, 5, generator=generator(3))
+
+    def objective(state, given):
+        m = (state["x"] - given["t"]).pow(2).sum()
+        return m, m
+
+    init = {"x": torch.zeros(4, 5)}
+    schedule = Schedule(iterations=30, lr=0.05, signed=False)
+    packed = run_packed(objective, init, groups=4, inputs={"t": target}, schedule=schedule,
+                        lr_scale=torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    x = torch.zeros(5, requires_grad=True)
+    adam = torch.optim.Adam([x], lr=0.05)
+    scheduler = schedule.scheduler(adam)
+    for _ in range(30):
+        adam.zero_grad()
+        (x - target[0]).pow(2).sum().backward()
+        adam.step()
+        scheduler.step()
+    assert torch.allclose(packed[0].state["x"], x.detach(), atol=1e-6)
+    assert torch.equal(packed[3].state["x"], torch.zeros(5))
+
+
+def test_a_reconstruction_stops_early_alone():
+    """Early stopping is per reconstruction: one that reaches the loss freezes, the others go on."""
+    target = torch.tensor([[0.0, 0.0], [5.0, 5.0]])
+
+    def objective(state, given):
+        m = (state["x"] - given["t"]).pow(2).sum()
+        return m, m
+
+    out = run_packed(objective, {"x": torch.zeros(2, 2)}, groups=2, inputs={"t": target},
+                     schedule=Schedule(iterations=50, lr=0.1), stop_loss=1e-3)
+    assert out[0].iterations == 0 and torch.equal(out[0].state["x"], torch.zeros(2))
+    assert out[1].iterations == 50 and float(out[1].matching_losses[0]) < 50.0

@@ -1,0 +1,154 @@
+"""One worker process per device on this machine (each GPU, or CPU workers sharing the cores).
+
+Workers are started with the ``spawn`` method (CUDA cannot be forked), each pinned to one
+device, and stream their events back to the driver as they complete. When a worker dies
+(killed, crashed, out of host memory), the driver notices, starts a new one on the same
+device and hands the pack out again, at most ``max_retries`` times; the rows already
+written from the first attempt stay and are not written twice (the driver skips them).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import traceback
+from dataclasses import replace
+from typing import Iterable, Iterator
+
+import torch
+
+from bench.execute import AttackEvent, Event, Pack
+from bench.suite import Suite
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+
+
+class WorkerLost(RuntimeError):
+    """A pack whose worker died more often than the retries allow."""
+
+
+def devices_for(workers: int | None, device: torch.device) -> list[str]:
+    """One device name per worker: every visible GPU by default, else ``workers`` CPU workers."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        n = workers or count
+        return [f"cuda:{i % count}" for i in range(n)]
+    return ["cpu"] * max(1, workers or 1)
+
+
+def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, results, worker_id: int,
+                 acceleration=None) -> None:
+    from bench.execute import Worker
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    worker = Worker(suite, device=dev, max_pack=max_pack, acceleration=acceleration)
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        pack, attempt = item
+        try:
+            for event in worker.run_pack(pack):
+                results.put(("event", worker_id, pack.index, attempt, event))
+        except BaseException:  # the driver records it; the worker goes on with the next pack
+            results.put(("failed", worker_id, pack.index, attempt, traceback.format_exc()))
+        else:
+            results.put(("done", worker_id, pack.index, attempt, None))
+
+
+class ProcessExecutor:
+    name = "processes"
+
+    def __init__(self, suite: Suite, *, devices: list[str], max_pack: int, max_retries: int = 2, acceleration=None):
+        self.acceleration = acceleration
+        self.suite = suite
+        self.devices = devices
+        self.max_pack = max_pack
+        self.max_retries = max_retries
+        cpu_workers = sum(1 for d in devices if d == "cpu")
+        self.threads = max(1, torch.get_num_threads() // cpu_workers) if cpu_workers else 0
+
+    def describe(self) -> str:
+        return f"processes ({len(self.devices)} workers: {', '.join(self.devices)}; packs of up to {self.max_pack})"
+
+    def events(self, packs: Iterable[Pack]) -> Iterator[tuple[Pack, Event]]:
+        packs = {p.index: p for p in packs}
+        if not packs:
+            return
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        todo: list[tuple[int, int]] = [(i, 0) for i in packs]  # (pack index, attempt)
+        workers: dict[int, dict] = {}
+
+        def start(worker_id: int, device: str) -> None:
+            tasks = ctx.Queue()
+            proc = ctx.Process(target=_worker_main, name=f"leakbench-worker-{worker_id}", daemon=True,
+                               args=(self.suite, device, self.max_pack, self.threads, tasks, results, worker_id,
+                                     self.acceleration))
+            proc.start()
+            workers[worker_id] = {"proc": proc, "tasks": tasks, "device": device, "busy": None}
+
+        def feed(worker_id: int) -> None:
+            w = workers[worker_id]
+            if w["busy"] is None and todo:
+                w["busy"] = todo.pop(0)
+                w["tasks"].put((packs[w["busy"][0]], w["busy"][1]))
+
+        for worker_id, device in enumerate(self.devices):
+            start(worker_id, device)
+            feed(worker_id)
+        next_id = len(self.devices)
+        try:
+            while any(w["busy"] is not None for w in workers.values()) or todo:
+                try:
+                    kind, worker_id, index, attempt, payload = results.get(timeout=POLL_S)
+                except queue.Empty:
+                    for worker_id in list(workers):
+                        w = workers[worker_id]
+                        if w["busy"] is not None and not w["proc"].is_alive():
+                            index, attempt = w["busy"]
+                            del workers[worker_id]
+                            self._retry(index, attempt, f"worker {worker_id} on {w['device']} died "
+                                                        f"(exit code {w['proc'].exitcode})", todo)
+                            start(next_id, w["device"])
+                            feed(next_id)
+                            next_id += 1
+                    continue
+                w = workers.get(worker_id)
+                if w is None or w["busy"] != (index, attempt):
+                    continue  # a message from a worker already given up on
+                if kind == "event":
+                    if attempt and isinstance(payload, AttackEvent):
+                        payload = replace(payload, execution={**payload.execution, "attempt": attempt + 1})
+                    yield packs[index], payload
+                elif kind == "failed":
+                    w["busy"] = None
+                    self._retry(index, attempt, f"worker {worker_id} raised:\n{payload}", todo)
+                    feed(worker_id)
+                else:
+                    w["busy"] = None
+                    feed(worker_id)
+        finally:
+            for w in workers.values():
+                try:
+                    w["tasks"].put(None)
+                except (OSError, ValueError):
+                    pass
+            for w in workers.values():
+                w["proc"].join(timeout=10)
+                if w["proc"].is_alive():
+                    w["proc"].kill()
+
+    def _retry(self, index: int, attempt: int, reason: str, todo: list[tuple[int, int]]) -> None:
+        if attempt >= self.max_retries:
+            raise WorkerLost(f"pack {index} failed {attempt + 1} times; last: {reason}")
+        log.warning("pack %d: %s; handing it out again (attempt %d of %d)", index, reason, attempt + 2,
+                    self.max_retries + 1)
+        todo.insert(0, (index, attempt + 1))
