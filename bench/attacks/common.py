@@ -50,6 +50,18 @@ def as_gradient(observation: Observation, tensor: torch.Tensor) -> torch.Tensor:
     return -tensor / lr
 
 
+def as_mean_gradient(observation: Observation, tensor: torch.Tensor) -> torch.Tensor:
+    """A FedSGD gradient as is; a weight difference as the mean gradient of its local steps, -delta / (lr · steps).
+
+    A FedAvg client's difference sums one gradient per local step (-delta / lr is about
+    ``local_steps`` times the mean gradient while the steps move the weights little).
+    Strategies that read magnitudes on the mean-loss scale (label counts) need this form.
+    """
+    if observation.kind == "gradients":
+        return tensor
+    return as_gradient(observation, tensor) / max(1, observation.local_steps)
+
+
 def attacker_model(model: nn.Module, observation: Observation, device: torch.device) -> nn.Module:
     """The attacker's functional copy, in the client's BatchNorm mode.
 

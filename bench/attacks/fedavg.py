@@ -82,6 +82,42 @@ def local_training_fn(attacker: nn.Module, observation: Observation) -> Candidat
     return candidate
 
 
+def frozen_training_fn(attacker: nn.Module, observation: Observation) -> CandidateFn:
+    """Pseudo-gradient −mean_u(Δ_u)/η of the clients' local steps as if none of them moved the weights.
+
+    The same steps as ``local_training_fn`` (slots visited in order, mini-batches of b, the
+    public step count), each gradient taken at the server's weights: E epochs give E times
+    the sum of the mini-batches' mean gradients. It is the first-order approximation of the
+    FedAvg update that Geng et al.'s pseudo-gradient form matches (exact for one step), on
+    the same scale as the observed −Δ/η, so the two compare directly. Cheaper than
+    unrolling (first-order in x) and vmappable over restarts.
+    """
+    if observation.kind != "weight_delta":
+        raise ValueError(f"frozen_training_fn approximates weight differences; this observation holds {observation.kind}")
+    b = observation.local_batch_size
+    if b is None:
+        raise ValueError("a weight-difference observation must state its local batch size")
+    clients = observation.clients
+    n = observation.batch_size // clients
+    steps_per_epoch = math.ceil(n / b)
+    epochs, rest = divmod(observation.local_steps, steps_per_epoch)
+    if rest:
+        raise ValueError(f"{observation.local_steps} local steps are not whole epochs of {steps_per_epoch} "
+                         f"mini-batch(es) of {b} over {n} image(s)")
+    params0, grad = _functional(attacker, observation)
+    names = observation.param_names
+
+    def client_steps(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        grads = [grad(params0, x[s * b:(s + 1) * b], y[s * b:(s + 1) * b]) for s in range(steps_per_epoch)]
+        return [epochs * sum(g[k] for g in grads) for k in names]
+
+    def candidate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [client_steps(x[u * n:(u + 1) * n], y[u * n:(u + 1) * n]) for u in range(clients)]
+        return tuple(sum(p[k] for p in parts) / clients for k in range(len(names)))
+
+    return candidate
+
+
 def client_gradients_fn(attacker: nn.Module, observation: Observation) -> CandidateFn:
     """FedSGD: the gradient of the candidates, averaged over clients when there are several.
 

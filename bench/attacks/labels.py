@@ -16,6 +16,9 @@ one-hot label and O_i >= 0 its penultimate features (the classifier's input):
 | `known`   | any          | the true labels (oracle, threat model)  | yes        |
 | `none`    | -            | nothing: for attacks that need no labels| -          |
 
+A FedAvg weight difference Δ after T local steps at lr η is read as the mean step
+gradient -Δ/(η·T) (``classifier_gradients``); iDLG reads only signs, which need no scale.
+
 ``wainakh`` and ``geng`` estimate the mean softmax output (and, for ``geng``, the mean
 L1 norm of the penultimate features) by running the model on dummy inputs drawn from the
 ``generator``: uniform pixels in [0, 1], normalized like the data. That is a property of
@@ -31,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from bench.attacks.common import as_gradient, attacker_model, last_linear, layer_update
+from bench.attacks.common import as_gradient, as_mean_gradient, attacker_model, last_linear, layer_update
 from bench.attacks.registry import LABELS
 from bench.core import LabelStrategy, Observation, ParamError, ThreatModelError
 
@@ -42,13 +45,16 @@ from bench.core import LabelStrategy, Observation, ParamError, ThreatModelError
 def classifier_gradients(observation: Observation, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The last linear layer's weight gradient (classes, features) and bias gradient (or None), on the CPU.
 
-    A FedAvg weight difference is read as the pseudo-gradient -delta / lr (see ``as_gradient``).
+    A FedAvg weight difference is read as the mean gradient of its local steps,
+    -delta / (lr · local_steps) (``as_mean_gradient``): the counting strategies compare these
+    entries with the mean-loss scale (1/B per image), which -delta / lr overshoots by the
+    number of steps. The orderings the other strategies read do not depend on the factor.
     """
     prefix, layer = last_linear(model)
-    grad_w = as_gradient(observation, layer_update(observation, prefix, "weight")).detach().double().cpu()
+    grad_w = as_mean_gradient(observation, layer_update(observation, prefix, "weight")).detach().double().cpu()
     grad_b = None
     if layer.bias is not None:
-        grad_b = as_gradient(observation, layer_update(observation, prefix, "bias")).detach().double().cpu()
+        grad_b = as_mean_gradient(observation, layer_update(observation, prefix, "bias")).detach().double().cpu()
     if grad_w.shape[0] != observation.num_classes:
         raise ValueError(
             f"the last linear layer {prefix!r} has {grad_w.shape[0]} outputs but the data set has "
@@ -278,14 +284,14 @@ def yin() -> LabelStrategy:
     return YinLabels()
 
 
-@LABELS.register("wainakh", version="1")
+@LABELS.register("wainakh", version="2")
 def wainakh(*, dummy_samples: int = 64) -> LabelStrategy:
     """Wainakh et al. 2022: bias-corrected counting with duplicates (LLG with a softmax offset from dummy inputs)."""
     _check_samples(dummy_samples)
     return WainakhLabels(dummy_samples=dummy_samples)
 
 
-@LABELS.register("geng", version="1")
+@LABELS.register("geng", version="2")
 def geng(*, dummy_samples: int = 64) -> LabelStrategy:
     """Geng et al. 2021: zero-shot label counts from weight-gradient row sums, exactly B labels."""
     _check_samples(dummy_samples)

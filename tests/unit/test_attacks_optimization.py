@@ -88,14 +88,14 @@ def test_analytic_fc_refuses_duplicates_and_deep_victims(smooth_batch):
         ATTACKS.build("analytic_fc").reconstruct(obs, model, labels=torch.tensor([1, 2]), generator=generator(1))
 
 
-def test_geng_refuses_weight_differences_until_its_fedavg_form_exists(smooth_batch):
+def test_geng_refuses_an_unknown_kind_of_update(smooth_batch):
     import dataclasses
 
     batch = smooth_batch(1, side=16)
     obs, model = observe("test_tiny", {}, batch)
-    fedavg_like = dataclasses.replace(obs, kind="weight_delta", local_lr=0.1)
-    with pytest.raises(ValueError, match="not implemented yet"):
-        ATTACKS.build("geng", iterations=1).reconstruct(fedavg_like, model, labels=batch.labels, generator=generator(1))
+    odd = dataclasses.replace(obs, kind="model_weights")
+    with pytest.raises(ValueError, match="no form for observations of kind 'model_weights'"):
+        ATTACKS.build("geng", iterations=1).reconstruct(odd, model, labels=batch.labels, generator=generator(1))
 
 
 def rosenbrock(state):
