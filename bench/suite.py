@@ -23,6 +23,7 @@ from bench.core import ParamError, Registry, ThreatModel, did_you_mean, short_ha
 from bench.core.registry import Entry
 
 if typing.TYPE_CHECKING:
+    from bench.utility import UtilitySpec
     from victims.training import Recipe
 
 
@@ -167,6 +168,9 @@ class Suite:
     source_text: str
     hash: str
     budget: str = "full"
+    # The [utility] table: a short FL training per (victim, defense, protocol) whose test
+    # accuracy goes into the cells' defense info (bench.utility); None without the table.
+    utility: UtilitySpec | None = None
 
     def work_items(self) -> int:
         return sum(len(c.attacks) for c in self.cells)
@@ -362,7 +366,7 @@ def _component(
 
 
 SUITE_KEYS = ("name", "description", "seed", "images", "trials", "leak_threshold")
-CASE_KEYS = ("victim", "defense", "protocol", "labels", "attacks", "battery", "trials", "note")
+CASE_KEYS = ("victim", "defense", "protocol", "labels", "attacks", "battery", "trials", "note", "images")
 ATTACK_EXTRA_KEYS = ("labels", "timeout_s")
 VICTIM_EXTRA_KEYS = ("state", "recipe")
 VICTIM_STATES = ("init", "trained")
@@ -449,7 +453,8 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
     reg = components.registries()
     c = _Checker()
     c.budget = budget  # components whose expansion depends on the budget (batteries) read it here
-    c.table(raw, "", allowed=("suite", "threat_model", "dataset", "case"), required=("suite", "dataset", "case"))
+    c.table(raw, "", allowed=("suite", "threat_model", "dataset", "case", "utility"),
+            required=("suite", "dataset", "case"))
 
     s = c.table(raw.get("suite", {}), "suite", allowed=SUITE_KEYS, required=("name",))
     name = c.value(s, "name", "suite", str, "unnamed", check=lambda v: bool(v.strip()), hint="must not be empty")
@@ -481,13 +486,21 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
         if dataset is not None and images > len(dataset):
             c.add("suite.images", f"the suite asks for {images} images but {dataset_spec.name} has only {len(dataset)}")
 
+    utility = None
+    if "utility" in raw:  # a short FL training per (victim, defense, protocol): accuracy as utility
+        from bench.utility import parse_utility
+
+        utility = parse_utility(c, raw["utility"], "utility", reg, dataset=dataset, dataset_spec=dataset_spec,
+                                budget=budget)
+
     cases = raw.get("case", [])
     if not isinstance(cases, list) or not cases:
         c.add("case", "at least one [[case]] table is required")
         cases = []
 
     victim_probe = _victim_probe(dataset)
-    expanded: list[tuple[int, ComponentSpec, ComponentSpec, ComponentSpec, tuple[AttackSpec, ...], int]] = []
+    expanded: list[tuple[int, ComponentSpec, ComponentSpec, ComponentSpec, tuple[AttackSpec, ...], int,
+                         tuple[int, ...] | None]] = []
     for i, case in enumerate(cases):
         cp = f"case[{i}]"
         case = c.table(case, cp, allowed=CASE_KEYS, required=("victim",))
@@ -501,9 +514,14 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
                                 probe=_instantiate)
         protocol, _ = _component(c, case.get("protocol", "fedsgd"), _join(cp, "protocol"), reg["protocol"],
                                  probe=_instantiate)
+        case_images = _case_images(c, case, cp, dataset)
         if protocol is not None:
             bs = protocol.kwargs().get("batch_size", 1)
-            if bs > images:
+            if case_images is not None:
+                if len(case_images) % bs:
+                    c.add(_join(cp, "images"), f"lists {len(case_images)} images, not a multiple of the protocol's "
+                                               f"batch_size {bs}: each cell attacks {bs} consecutive images")
+            elif bs > images:
                 c.add(_join(cp, "protocol.batch_size"),
                       f"batch size {bs} is larger than the {images} images the suite attacks (suite.images)")
         default_labels = case.get("labels", "known" if threat.labels == "known" else "idlg")
@@ -521,7 +539,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
                                                           dataset=dataset, threat=threat)
             for d in defenses:
                 if protocol is not None:
-                    expanded.append((i, v, d, protocol, with_battery, case_trials))
+                    expanded.append((i, v, d, protocol, with_battery, case_trials, case_images))
 
     if c.problems:
         raise SuiteError(source, c.problems)
@@ -532,25 +550,53 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
 
     chosen = select_indices(dataset, count=images, seed=derive_seed(seed, "images", dataset_spec.identity()))
     cells: list[Cell] = []
-    for case_index, victim, defense, protocol, attacks, case_trials in expanded:
+    for case_index, victim, defense, protocol, attacks, case_trials, case_images in expanded:
         bs = protocol.kwargs().get("batch_size", 1)
-        for b in range(min(images // bs, 1) if budget == "smoke" else images // bs):  # smoke: one batch per case
+        pool = chosen if case_images is None else case_images  # a case's own images, where it names them
+        count = len(pool) if case_images is not None else images
+        for b in range(min(count // bs, 1) if budget == "smoke" else count // bs):  # smoke: one batch per case
             for t in range(case_trials):
                 cells.append(Cell(
                     suite_seed=seed, case_index=case_index, dataset=dataset_spec, victim=victim,
                     defense=defense, protocol=protocol, threat=threat, batch_index=b,
-                    image_indices=tuple(chosen[b * bs:(b + 1) * bs]), trial=t, attacks=attacks,
+                    image_indices=tuple(pool[b * bs:(b + 1) * bs]), trial=t, attacks=attacks,
                 ))
     identity = {
         "name": name, "seed": seed, "budget": budget, "threat": [threat.labels, threat.bn_stats],
         "threshold": [threshold.metric, threshold.value],
         "cells": [[cell.key, [a.key for a in cell.attacks]] for cell in cells],
     }
+    if utility is not None:  # the cells' rows hold its accuracies: other settings, other results
+        identity["utility"] = utility.identity()
     return Suite(
         name=name, description=description, seed=seed, images=images, trials=trials, threat=threat,
         leak_threshold=threshold, dataset=dataset_spec, cells=tuple(cells), source_text=text,
-        hash=short_hash(identity), budget=budget,
+        hash=short_hash(identity), budget=budget, utility=utility,
     )
+
+
+def _case_images(c: _Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...] | None:
+    """A case's ``images``: the data-set indices its cells attack, in order, instead of the suite's seeded choice.
+
+    For updates whose images are fixed elsewhere (a recorded client's, ``bench.flower``):
+    the runner scores reconstructions against them; no attack ever sees them.
+    """
+    if "images" not in case:
+        return None
+    path = _join(cp, "images")
+    raw = case["images"]
+    if not isinstance(raw, list) or not raw or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
+        c.add(path, f"must be a non-empty list of data-set indices (ints), got {raw!r}")
+        return None
+    if len(set(raw)) != len(raw):
+        c.add(path, f"repeats an image: {raw}")
+        return None
+    if dataset is not None:
+        bad = [i for i in raw if not 0 <= i < len(dataset)]
+        if bad:
+            c.add(path, f"indices {bad} are out of range: {dataset.name} has images 0..{len(dataset) - 1}")
+            return None
+    return tuple(raw)
 
 
 def _one_or_many(c: _Checker, raw: Any, path: str, registry: Registry, **kw) -> list[ComponentSpec]:
@@ -727,6 +773,7 @@ def suite_summary(suite: Suite) -> dict[str, Any]:
         "dataset": suite.dataset.label(),
         "threat_model": {"labels": suite.threat.labels, "bn_stats": suite.threat.bn_stats},
         "leak_threshold": suite.leak_threshold.describe(),
+        "utility": None if suite.utility is None else suite.utility.label(),
     }
 
 

@@ -334,7 +334,9 @@ INTERVAL_COLUMNS = (*WORST_COLUMNS, *AVERAGE_COLUMNS, "leak_rate")
 # Keys of cells.defense_info_json that have a column of their own (the others land in
 # ``defense_info[<key>]`` columns when numeric, and in ``defense_notes`` always). Without an
 # ``epsilon`` key, ``epsilon`` is the largest ``epsilon_<accountant>`` (e.g. rdp, prv).
-DEFENSE_NUMBER_COLUMNS = ("epsilon", "delta", "utility_cosine")
+# ``utility_accuracy`` (and its undefended twin) is the test accuracy after the suite's short
+# FL training with the defense ([utility], bench/utility.py), present only where a suite asks.
+DEFENSE_NUMBER_COLUMNS = ("epsilon", "delta", "utility_cosine", "utility_accuracy", "utility_accuracy_undefended")
 # Over the cells of a row, the privacy budget takes the weakest guarantee (largest ε, δ);
 # other numbers are averaged.
 _DEFENSE_WORST_OF = ("epsilon", "delta")
@@ -676,7 +678,7 @@ WARNING_SIGN = "⚠"
 
 
 def optional_columns(board: pd.DataFrame) -> dict[str, bool]:
-    """Which optional columns any row fills: a table shows ε, utility, victim accuracy,
+    """Which optional columns any row fills: a table shows ε, utility (update cosine, FL accuracy), victim accuracy,
     defense notes, flags and the battery only when there is something to show (the CSV
     always has every column)."""
     def any_number(column: str) -> bool:
@@ -688,6 +690,7 @@ def optional_columns(board: pd.DataFrame) -> dict[str, bool]:
     return {
         "epsilon": any_number("epsilon") or any_number("delta"),
         "utility": any_number("utility_cosine"),
+        "accuracy": any_number("utility_accuracy"),
         "defense_notes": any_text("defense_notes"),
         "victim": any_text("victim_state") or any_number("victim_test_accuracy"),
         "flags": bool(len(board)) and bool((board["flagged_rows"] + board["flagged_cells"]).sum() > 0),
@@ -724,6 +727,7 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
               "worst label acc.", "avg PSNR (dB)", "avg SSIM", "avg LPIPS", "avg label acc.",
               f"leak rate ({threshold})"]
     titles += ["ε (δ)"] * show["epsilon"] + ["update cosine"] * show["utility"]
+    titles += ["FL accuracy (undefended)"] * show["accuracy"]
     titles += ["defense info"] * show["defense_notes"] + ["victim state (test acc.)"] * show["victim"]
     titles += ["cells (failed)", "rows (failed)"] + ["sanity flags"] * show["flags"] + ["battery"] * show["battery"]
     titles += [f"PSNR (dB) {c[len('psnr_db['):-1]}" for c in attacks]
@@ -751,6 +755,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
             cells.append(_epsilon_text(row))
         if show["utility"]:
             cells.append(_num(row["utility_cosine"], 3))
+        if show["accuracy"]:
+            cells.append(accuracy_text(row))
         if show["defense_notes"]:
             cells.append(row["defense_notes"] or "")
         if show["victim"]:
@@ -771,6 +777,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         "rows (failed); cells (failed) counts the cells with any failed row; an image with only failed rows counts "
         f"as not leaked. PSNR is capped at {PSNR_CAP_DB:g} dB for identical images."
     )
+    if show["accuracy"]:
+        lines.append(ACCURACY_NOTE)
     if oracle:
         lines.append(f"{_MARK_ORACLE_LABELS} oracle labels: the attacks were given the true labels "
                      "(threat_model.labels = \"known\").")
@@ -827,6 +835,21 @@ def _epsilon_text(row: dict[str, Any]) -> str:
         return "n/a"
     delta = "" if _missing(row["delta"]) else f" (δ={row['delta']:.0e})"
     return f"{row['epsilon']:.3g}{delta}"
+
+
+ACCURACY_NOTE = ("FL accuracy: top-1 accuracy on the suite's images after the suite's short, seeded FL training "
+                 "([utility]: rounds, clients and images per client in the defense info) with the row's defense "
+                 "and protocol, from the victim's initialization; in parentheses the same training without the "
+                 "defense.")
+
+
+def accuracy_text(row: dict[str, Any]) -> str:
+    """``62.5% (75.0%)``: test accuracy after the suite's FL training with the defense (without it)."""
+    if _missing(row["utility_accuracy"]):
+        return "n/a"
+    if _missing(row["utility_accuracy_undefended"]):
+        return _pct(row["utility_accuracy"])
+    return f"{_pct(row['utility_accuracy'])} ({_pct(row['utility_accuracy_undefended'])})"
 
 
 def _victim_text(row: dict[str, Any]) -> str:

@@ -221,12 +221,23 @@ def _strength_series(settings: pd.DataFrame, images: pd.DataFrame,
 
 
 def privacy_utility_plot(board: pd.DataFrame) -> Plot:
-    """Worst-case PSNR against the defense's utility (update cosine), labelled with ε where there is one."""
+    """Worst-case PSNR against the defense's utility, labelled with ε where there is one.
+
+    The utility is the FL accuracy (test accuracy after the suite's short FL training with
+    the defense, ``utility_accuracy``) when any row has it, else the update cosine.
+    """
     title = "Privacy–utility"
-    caption = ("Each point is a (victim, defense) row: worst-case PSNR (lower = more private) against the cosine "
-               "between the defended and the undefended update (1 = no utility cost), labelled with ε where the "
-               "defense reports one.")
-    utility = "utility_cosine"
+    accuracy = "utility_accuracy" in board and bool(board["utility_accuracy"].notna().any())
+    if accuracy:
+        utility = "utility_accuracy"
+        caption = ("Each point is a (victim, defense) row: worst-case PSNR (lower = more private) against the test "
+                   "accuracy after the suite's short FL training with the defense ([utility]); the dashed line per "
+                   "victim is the same training without a defense. Labelled with ε where the defense reports one.")
+    else:
+        utility = "utility_cosine"
+        caption = ("Each point is a (victim, defense) row: worst-case PSNR (lower = more private) against the cosine "
+                   "between the defended and the undefended update (1 = no utility cost), labelled with ε where the "
+                   "defense reports one.")
     if not len(board) or utility not in board or board[utility].notna().sum() == 0:
         return Plot(key="privacy-utility", title=title, caption=caption,
                     note="not drawn: no defense in this suite reports a utility cost (defense info 'utility_cosine').")
@@ -234,7 +245,7 @@ def privacy_utility_plot(board: pd.DataFrame) -> Plot:
     if rows.empty:
         return Plot(key="privacy-utility", title=title, caption=caption,
                     note="not drawn: the rows that report a utility cost have no worst case (every attack failed).")
-    if bool((rows[utility] >= 1.0 - 1e-9).all()) and rows["epsilon"].isna().all():
+    if not accuracy and bool((rows[utility] >= 1.0 - 1e-9).all()) and rows["epsilon"].isna().all():
         return Plot(key="privacy-utility", title=title, caption=caption,
                     note="not drawn: no defense in this suite changes the update (every update cosine is 1, no ε), "
                          "so there is no trade-off to show.")
@@ -252,14 +263,28 @@ def privacy_utility_plot(board: pd.DataFrame) -> Plot:
                 text += f"\nε={row['epsilon']:.3g}"
             ax.annotate(text, (row[utility], row["worst_psnr_db"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
+        if accuracy and "utility_accuracy_undefended" in mine:
+            for reference in dict.fromkeys(float(v) for v in mine["utility_accuracy_undefended"].dropna()):
+                ax.axvline(reference, color=_color(index), linestyle="--", linewidth=1, alpha=0.6)
     ax.margins(x=0.2, y=0.1)
-    low = float(rows[utility].min())
-    ax.set_xlim(min(0.0, low - 0.05), 1.08)  # cosine: 1 = the undefended update; a fixed right edge keeps ticks plain
-    ax.set_xlabel("update cosine to the undefended update (utility kept)")
+    if accuracy:
+        ax.set_xlim(-0.02, 1.02)  # accuracy in [0, 1]
+        ax.xaxis.set_major_formatter(_percent_formatter())
+        ax.set_xlabel("test accuracy after the FL training with the defense (dashed: without)")
+    else:
+        low = float(rows[utility].min())
+        ax.set_xlim(min(0.0, low - 0.05), 1.08)  # cosine: 1 = the undefended update; a fixed right edge keeps ticks plain
+        ax.set_xlabel("update cosine to the undefended update (utility kept)")
     ax.set_ylabel("worst-case PSNR (dB)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return Plot(key="privacy-utility", title=title, caption=caption, src=_png_uri(figure))
+
+
+def _percent_formatter():
+    from matplotlib.ticker import PercentFormatter
+
+    return PercentFormatter(xmax=1.0, decimals=0)
 
 
 # --------------------------------------------------------------------------- distribution

@@ -494,6 +494,36 @@ def test_optional_columns_stay_out_when_no_row_has_them(store_file: Path) -> Non
     header = next(line for line in to_markdown(leaderboard(results), results=results).splitlines()
                   if line.startswith("| victim"))
     assert "ε" not in header and "update cosine" not in header and "sanity flags" not in header
+    assert "FL accuracy" not in header
+
+
+def test_fl_accuracy_is_a_column_when_a_suite_measured_it(tmp_path: Path) -> None:
+    """[utility] suites store the FL accuracy with and without the defense; rows without it show n/a."""
+    def build(root: Path) -> Path:
+        b = StoreBuilder(root)
+        for index, (accuracy, psnr) in enumerate(((0.5, 12.0), (0.7, 14.0))):
+            b.cell(f"n{index}", defense="gaussian_noise", defense_params={"sigma": 0.1}, batch_index=index,
+                   defense_info={"utility_cosine": 0.9, "utility_accuracy": accuracy,
+                                 "utility_accuracy_undefended": 0.75, "utility_rounds": 20})
+            b.attack(f"n{index}", [(f"img-{index}", psnr)])
+        b.cell("plain", case=1)
+        b.attack("plain", [("img-0", 30.0)])
+        return b.close()
+
+    results = load_results(build(tmp_path))
+    board = leaderboard(results)
+    noisy, plain = board.iloc[0], board.iloc[1]
+    assert noisy["utility_accuracy"] == pytest.approx(0.6) and noisy["utility_accuracy_undefended"] == 0.75
+    assert math.isnan(plain["utility_accuracy"]) and "utility_rounds=20" in noisy["defense_notes"]
+    markdown = to_markdown(board, results=results)
+    header = next(line for line in markdown.splitlines() if line.startswith("| victim"))
+    assert "| update cosine | FL accuracy (undefended) |" in header
+    assert "| 0.900 | 60.0% (75.0%) |" in markdown and "| n/a | n/a |" in markdown
+    assert "FL accuracy: top-1 accuracy on the suite's images" in markdown
+    paths = write_reports(build(tmp_path / "again"), tmp_path / "reports")
+    html = paths.report_html.read_text()
+    assert "FL accuracy" in html and "60.0%" in html and "(75.0%)" in html
+    assert pd.read_csv(paths.csv)["utility_accuracy"].tolist()[0] == pytest.approx(0.6)
 
 
 def mixed_store(tmp_path: Path) -> Path:

@@ -57,6 +57,19 @@ def test_swept_strengths_utility_distribution_and_convergence_are_drawn(tmp_path
     assert PSNR_TRACE_NOTE in plots["convergence"].caption
 
 
+def test_privacy_utility_prefers_the_fl_accuracy(tmp_path: Path) -> None:
+    assert "cosine" in plots_of(sweep_store(tmp_path / "cosine"))["privacy-utility"].caption  # no accuracy: cosine
+    b = StoreBuilder(tmp_path / "accuracy")
+    for index, (sigma, accuracy, psnr) in enumerate(((0.01, 0.7, 25.0), (0.1, 0.5, 15.0), (1.0, 0.2, 9.0))):
+        b.cell(f"c{index}", defense="gaussian_noise", defense_params={"sigma": sigma},
+               defense_info={"utility_cosine": 1.0 - sigma / 2, "utility_accuracy": accuracy,
+                             "utility_accuracy_undefended": 0.75})
+        b.attack(f"c{index}", [("img-0", psnr)])
+    plot = plots_of(b.close())["privacy-utility"]
+    assert plot.drawn and "test accuracy after the suite's short FL training" in plot.caption
+    assert decoded(plot.src).width > 300
+
+
 def test_plots_without_data_are_skipped_with_a_note(tmp_path: Path) -> None:
     plots = plots_of(simple_store(tmp_path, {"fc|none": [100.0, 100.0]}))  # no sweep, no utility, no trace
     assert plots["worst-distribution"].drawn

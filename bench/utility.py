@@ -1,0 +1,439 @@
+"""A defense's utility as accuracy: a short, fixed, seeded FL training with the defense, then test accuracy.
+
+The cosine between the defended and the undefended update (``bench.fl.utility_cost``) says
+how far one update moved; this module says what the defense costs the model. For a suite
+with a ``[utility]`` table, every (victim, defense, protocol) of its cells gets:
+
+1. the victim's seeded initialization (the server's weights of the cell's first trial);
+2. ``rounds`` FL rounds. The training set is split once into ``clients`` disjoint shards
+   (a seeded permutation); in each round every client takes the next ``n`` images of its
+   own shard (reshuffled, seeded, at each pass through it), the defense may compose the
+   round's batch (``compose_batch``, over the training set), and the case's protocol
+   computes the clients' defended updates exactly as in an attack cell (``client_update``:
+   the defense's ``prepare``, e.g. Opacus's GroupNorm swap, its per-step gradients, e.g.
+   DP-SGD, and its ``transform`` of each client's update), averaged over the clients;
+3. the server applies the mean update: gradients (FedSGD) as ``w -= server_lr · g``,
+   weight differences (FedAvg) as ``w += Δ`` (the new model is the clients' mean model;
+   the clients' local lr is the step size);
+4. top-1 accuracy on the suite's data set, the attacked images (disjoint from the
+   training split, as for trained victims: ``victims.training.evaluate``).
+
+``n`` is ``images_per_client`` or, when the table leaves it out, the case's own images per
+client (``batch_size / clients`` of its protocol), so a defense whose strength depends on
+the batch (DP-SGD's noise over the batch) is measured at the batch it defends.
+
+The same training without the defense (defense ``none``, same shards, same order) gives
+``utility_accuracy_undefended``, so reports can show the drop. Clients train on private
+copies (``bench.fl``), so no BatchNorm running statistics reach the server: with
+``bn_mode = "train"`` the server recomputes them on the training set before it measures
+accuracy (with ``"eval"`` the clients normalized with the server's statistics, as the
+evaluation does).
+
+Results are cached in memory per process by (victim, defense, protocol, utility settings,
+data sets, seed, device): a suite computes each once, whatever the number of its cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from bench.core import Batch, ParamError, ThreatModel, derive_seed, generator, short_hash
+
+if typing.TYPE_CHECKING:
+    from bench.suite import Cell, Suite
+
+log = logging.getLogger(__name__)
+
+#: Bump when a change here changes the numbers a [utility] table produces (part of every cache key).
+UTILITY_FORMAT = 1
+
+#: The protocols whose clients can be asked for fresh updates round after round.
+TRAINABLE_PROTOCOLS = ("fedsgd", "fedavg")
+
+#: The training data set of a ``[utility]`` table that names none (its side is the attacked set's).
+DEFAULT_TRAIN = {"name": "photos", "split": "public"}
+
+#: The smoke budget (``--budget smoke``) trains at most this many rounds.
+SMOKE_ROUNDS = 1
+
+UTILITY_KEYS = ("rounds", "clients", "images_per_client", "server_lr", "train")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class UtilitySpec:
+    """A suite's ``[utility]`` table: how the short FL training that measures accuracy runs."""
+
+    rounds: int = 20
+    clients: int = 4
+    images_per_client: int | None = None  # None: the case's own images per client
+    server_lr: float = 0.1  # FedSGD only: w -= server_lr * mean gradient
+    train: str = DEFAULT_TRAIN["name"]
+    train_params: tuple[tuple[str, Any], ...] = (("split", DEFAULT_TRAIN["split"]),)
+    train_version: str = ""
+
+    def __post_init__(self) -> None:
+        params = self.train_params
+        if isinstance(params, Mapping):
+            params = params.items()
+        object.__setattr__(self, "train_params", tuple(sorted((k, _frozen(v)) for k, v in params)))
+        for key, message in utility_problems({"rounds": self.rounds, "clients": self.clients,
+                                              "images_per_client": self.images_per_client,
+                                              "server_lr": self.server_lr}):
+            raise ParamError(key, message)
+
+    def train_kwargs(self) -> dict[str, Any]:
+        return {k: _thawed(v) for k, v in self.train_params}
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "format": UTILITY_FORMAT, "rounds": self.rounds, "clients": self.clients,
+            "images_per_client": self.images_per_client, "server_lr": self.server_lr,
+            "train": {"name": self.train, "version": self.train_version, "params": self.train_kwargs()},
+        }
+
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in self.train_params if k != "side")
+        n = "case's" if self.images_per_client is None else str(self.images_per_client)
+        return (f"{self.rounds} rounds x {self.clients} clients x {n} images, server lr {self.server_lr:g}, "
+                f"on {self.train}({shown})")
+
+
+def utility_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, message) for every impossible value among well-typed ``[utility]`` values."""
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "rounds": (lambda v: v >= 1, "train for at least 1 round"),
+        "clients": (lambda v: v >= 1, "at least 1 client per round"),
+        "images_per_client": (lambda v: v is None or v >= 1, "at least 1 image per client"),
+        "server_lr": (lambda v: v > 0 and math.isfinite(v), "the server's learning rate must be > 0"),
+    }
+    return [(k, f"{message}; got {values[k]!r}") for k, (ok, message) in checks.items()
+            if k in values and not ok(values[k])]
+
+
+# --------------------------------------------------------------------------- suite validation
+
+
+def parse_utility(checker, raw: Any, path: str, reg: Mapping, *, dataset, dataset_spec,
+                  budget: str = "full") -> UtilitySpec | None:
+    """Validate a suite's ``[utility]`` table (``bench.suite`` calls this; ``checker`` collects the problems).
+
+    The training set gets the attacked set's side and must match its classes and channels,
+    and differ from it: accuracy is measured on the attacked images. The smoke budget caps
+    the rounds at ``SMOKE_ROUNDS``.
+    """
+    from bench.suite import _component, _join
+
+    before = len(checker.problems)
+    t = checker.table(raw, path, allowed=UTILITY_KEYS)
+    hints = typing.get_type_hints(UtilitySpec)
+    defaults = UtilitySpec()
+    values = {k: checker.value(t, k, path, hints[k], getattr(defaults, k)) for k in UTILITY_KEYS if k != "train"}
+    for key, message in utility_problems(values):
+        checker.add(_join(path, key), f"impossible value: {message}")
+    tp = _join(path, "train")
+    train, _ = _component(checker, t.get("train", dict(DEFAULT_TRAIN)), tp, reg["dataset"], reserved=("side",))
+    params = None
+    if train is not None and dataset is not None and dataset_spec is not None:
+        params = train.kwargs()
+        if "side" in reg["dataset"].get(train.name).parameters():
+            params["side"] = dataset.side
+        try:
+            train_set = reg["dataset"].build(train.name, **params)
+        except (OSError, ValueError) as err:
+            checker.add(tp, f"cannot build the training set: {err}")
+        else:
+            default = "" if "train" in t else (f" (a [utility] table without train trains on {train.name}'s "
+                                                 f"{DEFAULT_TRAIN['split']} split; name a training set)")
+            if (train_set.num_classes, train_set.channels) != (dataset.num_classes, dataset.channels):
+                checker.add(tp, f"{train_set.name} has {train_set.num_classes} classes and {train_set.channels} "
+                                f"channel(s), the attacked data set {dataset.num_classes} and {dataset.channels}; "
+                                f"the FL training learns the attacked data set's classes{default}")
+            if train.name == dataset_spec.name and params == dataset_spec.kwargs():
+                checker.add(tp, "the FL training would use the attacked images themselves; its accuracy is measured "
+                                "on them, so train on a disjoint split (photos: split = \"public\"; cifar10: "
+                                "split = \"train\")")
+            n, clients = values["images_per_client"], values["clients"]
+            if n is not None and isinstance(clients, int) and clients >= 1 and n * clients > len(train_set):
+                checker.add(_join(path, "images_per_client"),
+                            f"{clients} clients x {n} images need {n * clients} distinct training images per round, "
+                            f"but {train_set.name} has {len(train_set)}; lower clients or images_per_client")
+    if len(checker.problems) > before or train is None or params is None:
+        return None
+    rounds = min(values["rounds"], SMOKE_ROUNDS) if budget == "smoke" else values["rounds"]
+    return UtilitySpec(rounds=rounds, clients=values["clients"], images_per_client=values["images_per_client"],
+                       server_lr=float(values["server_lr"]), train=train.name, train_params=params,
+                       train_version=train.version)
+
+
+# --------------------------------------------------------------------------- the training
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    accuracy: float
+    initial_accuracy: float
+    test_images: int
+    images_per_client: int
+
+
+_CACHE: dict[str, TrainingResult] = {}
+_TRAIN_SETS: dict[str, Any] = {}
+_ERRORS: dict[str, str] = {}
+
+
+def clear_cache() -> None:
+    """Forget every cached training (tests; a long-lived process that changes code)."""
+    _CACHE.clear()
+    _TRAIN_SETS.clear()
+    _ERRORS.clear()
+
+
+def fl_accuracy(
+    *,
+    victim: str,
+    victim_params: Mapping[str, Any] | None,
+    defense: tuple[str, Mapping[str, Any]],
+    protocol: tuple[str, Mapping[str, Any]],
+    spec: UtilitySpec,
+    train_set,
+    test_set,
+    seed: int,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, float | int]:
+    """Test accuracy after ``spec.rounds`` FL rounds with ``defense``, and without it (cached per process).
+
+    ``victim`` is built by ``victims.build_victim`` from ``seed``; ``defense`` and
+    ``protocol`` are (name, parameters) of their registries, the protocol's as in the
+    suite's case (its ``batch_size / clients`` is the default images per client).
+    ``seed`` also fixes the shards and the draws of every round, shared by the defended
+    and the undefended training. ``progress(done, total)`` counts rounds of the trainings
+    this call runs (none when both are cached).
+
+    Returns flat numbers for a cell's ``defense_info``: ``utility_accuracy``,
+    ``utility_accuracy_undefended``, ``utility_accuracy_initial`` (before any round),
+    ``utility_rounds``, ``utility_clients``, ``utility_images_per_client``,
+    ``utility_test_images``.
+    """
+    device = torch.device(device)
+    name, params = protocol
+    n = spec.images_per_client or params.get("batch_size", 1) // params.get("clients", 1)
+    # the protocol the training runs: the case's, with the table's clients and images per client
+    # (so cases that differ only in their batch share a training when images_per_client is set)
+    protocol = (name, {**params, "batch_size": spec.clients * n, "clients": spec.clients})
+    common = {
+        "victim": {"name": victim, "params": _plain(victim_params or {})},
+        "protocol": {"name": protocol[0], "params": _plain(protocol[1])},
+        "spec": spec.identity(), "seed": seed, "device": device.type,
+        "train_set": train_set.describe(), "test_set": test_set.describe(),
+    }
+    runs = {"defended": defense, "undefended": ("none", {})}
+    keys = {role: short_hash({**common, "defense": {"name": d[0], "params": _plain(d[1])}})
+            for role, d in runs.items()}
+    todo = list(dict.fromkeys(k for k in keys.values() if k not in _CACHE))
+    done = [0]
+    total = spec.rounds * len(todo)
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    for role, (name, params) in runs.items():
+        key = keys[role]
+        if key in _CACHE:
+            continue
+        _CACHE[key] = _train(victim=victim, victim_params=victim_params, defense=(name, params), protocol=protocol,
+                             spec=spec, train_set=train_set, test_set=test_set, seed=seed, device=device, tick=tick)
+        log.info("FL accuracy of %s with defense %s after %d rounds: %.1f%%", victim, name, spec.rounds,
+                 100 * _CACHE[key].accuracy)
+    defended, undefended = _CACHE[keys["defended"]], _CACHE[keys["undefended"]]
+    return {
+        "utility_accuracy": defended.accuracy,
+        "utility_accuracy_undefended": undefended.accuracy,
+        "utility_accuracy_initial": defended.initial_accuracy,
+        "utility_rounds": spec.rounds,
+        "utility_clients": spec.clients,
+        "utility_images_per_client": defended.images_per_client,
+        "utility_test_images": defended.test_images,
+    }
+
+
+def _train(*, victim, victim_params, defense, protocol, spec: UtilitySpec, train_set, test_set, seed: int,
+           device: torch.device, tick: Callable[[], None]) -> TrainingResult:
+    from bench.fl import PROTOCOLS
+    from defenses import DEFENSES
+    from victims import build_victim
+    from victims.training import evaluate
+
+    name, params = protocol
+    if name not in TRAINABLE_PROTOCOLS:
+        raise ValueError(f"protocol {name!r} does not compute fresh client updates; the FL accuracy needs one of "
+                         f"{', '.join(TRAINABLE_PROTOCOLS)}")
+    params = dict(params)
+    clients = params["clients"]
+    n = params["batch_size"] // clients
+    shard_size = len(train_set) // clients
+    if n > shard_size:
+        raise ValueError(f"{clients} clients x {n} images per round need shards of at least {n} images, but "
+                         f"{train_set.name} has {len(train_set)} ({shard_size} per client); lower [utility] clients "
+                         "or images_per_client")
+    proto = PROTOCOLS.build(name, **params)
+    chosen = DEFENSES.build(defense[0], **dict(defense[1]))
+    model = build_victim(victim, victim_params, num_classes=test_set.num_classes, in_channels=test_set.channels,
+                         side=test_set.side, seed=seed)
+    server = chosen.prepare(copy.deepcopy(model)).to(device)
+    initial, count = evaluate(server, test_set, device=device)
+    shards = _Shards(len(train_set), clients=clients, seed=derive_seed(seed, "utility-shards"))
+    named = dict(server.named_parameters())
+    for r in range(spec.rounds):
+        indices = shards.round(n)
+        indices = tuple(chosen.compose_batch(indices, label_of=lambda i: train_set.get(i)[1],
+                                             pool_size=len(train_set),
+                                             generator=generator(seed, "utility-round", r, "compose")))
+        cpu = train_set.batch(list(indices))
+        batch = Batch(images=cpu.images.to(device), labels=cpu.labels.to(device), image_ids=cpu.image_ids,
+                      normalization=cpu.normalization, num_classes=cpu.num_classes)
+        try:
+            observation, _ = proto.client_update(server, batch, defense=chosen, threat=ThreatModel(),
+                                                 generator=generator(seed, "utility-round", r, "client"))
+        except ValueError as err:
+            if "not finite" not in str(err):
+                raise
+            raise FloatingPointError(f"the FL training diverged in round {r + 1} of {spec.rounds}: {err}. Lower "
+                                     "[utility] server_lr (FedSGD) or the protocol's local_lr (FedAvg)") from err
+        with torch.no_grad():
+            for pname, update in zip(observation.param_names, observation.update):
+                step = -spec.server_lr * update if observation.kind == "gradients" else update
+                named[pname].add_(step.to(named[pname].dtype))
+        if not all(bool(torch.isfinite(p).all()) for p in named.values()):
+            raise FloatingPointError(f"the FL training diverged in round {r + 1} (weights not finite); lower "
+                                     "[utility] server_lr (FedSGD) or the protocol's local_lr (FedAvg)")
+        tick()
+    if params.get("bn_mode", "train") == "train":
+        _recalibrate_batch_norm(server, train_set, device=device)
+    accuracy, count = evaluate(server, test_set, device=device)
+    return TrainingResult(accuracy=accuracy, initial_accuracy=initial, test_images=count, images_per_client=n)
+
+
+class _Shards:
+    """Disjoint client shards of a training set; each client walks its own, reshuffled at every pass (seeded)."""
+
+    def __init__(self, size: int, *, clients: int, seed: int):
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+        per = size // clients
+        self.shards = [order[u * per:(u + 1) * per] for u in range(clients)]
+        self.generators = [torch.Generator().manual_seed(derive_seed(seed, "client", u)) for u in range(clients)]
+        self.queues: list[list[int]] = [[] for _ in range(clients)]
+
+    def round(self, n: int) -> tuple[int, ...]:
+        """The round's images: client u's n images in slots u·n .. (u+1)·n − 1 (``bench.fl``'s layout)."""
+        out: list[int] = []
+        for u, shard in enumerate(self.shards):
+            if len(self.queues[u]) < n:  # a new pass; images left from the last one go first
+                perm = torch.randperm(len(shard), generator=self.generators[u]).tolist()
+                self.queues[u] += [shard[i] for i in perm if shard[i] not in self.queues[u]]
+            out += self.queues[u][:n]
+            del self.queues[u][:n]
+        return tuple(out)
+
+
+@torch.no_grad()
+def _recalibrate_batch_norm(model: nn.Module, data, *, device: torch.device, batch_size: int = 64) -> None:
+    """BatchNorm running statistics recomputed on ``data`` (cumulative averages over its batches)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    try:
+        for start in range(0, len(data), batch_size):
+            stop = min(start + batch_size, len(data))
+            if stop - start < 2:
+                break
+            batch = data.batch(range(start, stop))
+            model(batch.normalization.normalize(batch.images.to(device)))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- the runner's entry point
+
+
+def cell_utility(suite: Suite, cell: Cell, dataset, *, device, progress: Progress | None = None) -> dict:
+    """The FL accuracy numbers of ``cell``'s (victim, defense, protocol), for its ``defense_info``; {} without ``[utility]``.
+
+    ``suite.utility`` is None (no ``[utility]`` table): returns {} at no cost. Otherwise it
+    trains (or takes from the per-process cache) the cell's victim from its seeded
+    initialization (the server's weights of trial 0) for ``suite.utility.rounds`` FL rounds
+    with the cell's defense and protocol on the table's training set, and the same without
+    the defense, and measures both on ``dataset`` (the suite's data set, the attacked
+    images, as the runner built it). Every cell of a (victim, defense, protocol) gets the
+    same numbers; only the first pays for the training.
+
+    Returns the flat numbers of ``fl_accuracy`` (``utility_accuracy``,
+    ``utility_accuracy_undefended``, ``utility_accuracy_initial``, ``utility_rounds``,
+    ``utility_clients``, ``utility_images_per_client``, ``utility_test_images``) to merge
+    into ``defense_info``. A training that cannot run (a protocol without fresh updates, too
+    few training images, divergence) gives ``{"utility_accuracy_error": why}`` (cached too),
+    so a missing number never costs the cell its attacks. ``device`` is a ``torch.device``
+    or its name; ``progress(done, total)`` counts training rounds.
+    """
+    spec: UtilitySpec | None = getattr(suite, "utility", None)
+    if spec is None:
+        return {}
+    victim_identity = cell.victim.identity()
+    seed = derive_seed(cell.suite_seed, "victim", victim_identity, 0)  # the server's weights of trial 0
+    error_key = short_hash("error", victim_identity, cell.defense.identity(), cell.protocol.identity(),
+                           spec.identity(), dataset.describe(), seed)
+    if error_key in _ERRORS:
+        return {"utility_accuracy_error": _ERRORS[error_key]}
+    try:
+        train_set = _train_set(spec)
+        return fl_accuracy(victim=cell.victim.name, victim_params=cell.victim.kwargs(),
+                           defense=(cell.defense.name, cell.defense.kwargs()),
+                           protocol=(cell.protocol.name, cell.protocol.kwargs()), spec=spec, train_set=train_set,
+                           test_set=dataset, seed=seed, device=device, progress=progress)
+    except (ValueError, RuntimeError, FloatingPointError) as err:
+        message = f"{type(err).__name__}: {err}"
+        log.warning("FL accuracy of cell %s: %s", cell.key, message)
+        _ERRORS[error_key] = message
+        return {"utility_accuracy_error": message}
+
+
+
+def _train_set(spec: UtilitySpec):
+    from bench.data import DATASETS
+
+    key = short_hash(spec.train, spec.train_kwargs())
+    if key not in _TRAIN_SETS:
+        _TRAIN_SETS[key] = DATASETS.build(spec.train, **spec.train_kwargs())
+    return _TRAIN_SETS[key]
+
+
+def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _thawed(_frozen(v)) for k, v in sorted(dict(params).items())}
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _thawed(value: Any) -> Any:
+    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
