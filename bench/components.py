@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from bench.core import Registry
 
 
@@ -9,6 +11,7 @@ def registries() -> dict:
     from bench.attacks import ATTACKS, LABELS
     from bench.data import DATASETS
     from bench.fl import PROTOCOLS
+    import_module("bench.flower.recorded")  # registers the "recorded" protocol (a real client's update)
     from defenses import DEFENSES
     from victims import CONTEXT_PARAMS, VICTIMS
 
