@@ -44,10 +44,12 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, *, remote: bool = False) -> torch.device:
+    """The run's device. ``remote``: the workers run elsewhere (Ray), so ``cuda`` is not
+    checked on the driver's machine (the Ray executor checks that the cluster has GPUs)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available() and not remote:
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda; got {device!r}")
@@ -56,6 +58,8 @@ def resolve_device(device: str) -> torch.device:
 
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "cuda: on the workers (none on the driver)"
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
@@ -108,7 +112,7 @@ def run_suite(
     batched attack call advances (1 turns packing off).
     """
     progress = progress or SilentProgress()
-    dev = resolve_device(device)
+    dev = resolve_device(device, remote=executor == "ray")
     if max_pack < 1:
         raise ValueError(f"--pack-size must be >= 1, got {max_pack}")
     path = store_path(out_dir)
