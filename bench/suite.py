@@ -660,27 +660,39 @@ def _recipe(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, da
     train = params = None
     if "dataset" in t:
         dp = _join(path, "dataset")
-        train, _ = _component(c, t["dataset"], dp, reg["dataset"], reserved=("side",))
-        if train is not None and dataset is not None and dataset_spec is not None:
-            params = train.kwargs()
-            if "side" in reg["dataset"].get(train.name).parameters():
-                params["side"] = dataset.side
-            try:
-                train_set = reg["dataset"].build(train.name, **params)
-            except (OSError, ValueError) as err:
-                c.add(dp, f"cannot build the training set: {err}")
-            else:
-                if (train_set.num_classes, train_set.channels) != (dataset.num_classes, dataset.channels):
-                    c.add(dp, f"{train_set.name} has {train_set.num_classes} classes and {train_set.channels} "
-                              f"channel(s), the attacked data set {dataset.num_classes} and {dataset.channels}; "
-                              "a victim is trained for the attacked data set's classes")
-                if train.name == dataset_spec.name and params == dataset_spec.kwargs():
-                    c.add(dp, "the recipe trains on the attacked images themselves; test accuracy is measured on "
-                              "them, so train on a disjoint split (photos: split = \"public\"; cifar10: "
-                              "split = \"train\")")
+        train, params, _ = training_set(c, t["dataset"], dp, reg, dataset=dataset, dataset_spec=dataset_spec,
+                                        purpose="a victim is trained for the attacked data set's classes",
+                                        same_images="the recipe trains on the attacked images themselves; test "
+                                                    "accuracy is measured on them")
     if len(c.problems) > before or train is None or params is None:
         return None
     return Recipe(dataset=train.name, dataset_params=params, dataset_version=train.version, **values)
+
+
+def training_set(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, dataset, dataset_spec,
+                 purpose: str, same_images: str):
+    """A training data set named at ``path`` (a recipe's, the [utility] table's): its spec, the
+    parameters it is built with (the attacked set's side), and the set itself; None where it
+    cannot be built, has other classes or channels than the attacked set (``purpose`` says
+    why that matters), or is the attacked images themselves (``same_images``)."""
+    train, _ = _component(c, raw, path, reg["dataset"], reserved=("side",))
+    if train is None or dataset is None or dataset_spec is None:
+        return train, None, None
+    params = train.kwargs()
+    if "side" in reg["dataset"].get(train.name).parameters():
+        params["side"] = dataset.side
+    try:
+        train_set = reg["dataset"].build(train.name, **params)
+    except (OSError, ValueError) as err:
+        c.add(path, f"cannot build the training set: {err}")
+        return train, params, None
+    if (train_set.num_classes, train_set.channels) != (dataset.num_classes, dataset.channels):
+        c.add(path, f"{train_set.name} has {train_set.num_classes} classes and {train_set.channels} "
+                    f"channel(s), the attacked data set {dataset.num_classes} and {dataset.channels}; {purpose}")
+    if train.name == dataset_spec.name and params == dataset_spec.kwargs():
+        c.add(path, f"{same_images}, so train on a disjoint split (photos: split = \"public\"; cifar10: "
+                    "split = \"train\")")
+    return train, params, train_set
 
 
 def _battery_name(c: _Checker, case: Mapping, cp: str) -> str | None:

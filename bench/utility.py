@@ -131,7 +131,7 @@ def parse_utility(checker, raw: Any, path: str, reg: Mapping, *, dataset, datase
     and differ from it: accuracy is measured on the attacked images. The smoke budget caps
     the rounds at ``SMOKE_ROUNDS``.
     """
-    from bench.suite import _component, _join
+    from bench.suite import _join, training_set
 
     before = len(checker.problems)
     t = checker.table(raw, path, allowed=UTILITY_KEYS)
@@ -141,32 +141,18 @@ def parse_utility(checker, raw: Any, path: str, reg: Mapping, *, dataset, datase
     for key, message in utility_problems(values):
         checker.add(_join(path, key), f"impossible value: {message}")
     tp = _join(path, "train")
-    train, _ = _component(checker, t.get("train", dict(DEFAULT_TRAIN)), tp, reg["dataset"], reserved=("side",))
-    params = None
-    if train is not None and dataset is not None and dataset_spec is not None:
-        params = train.kwargs()
-        if "side" in reg["dataset"].get(train.name).parameters():
-            params["side"] = dataset.side
-        try:
-            train_set = reg["dataset"].build(train.name, **params)
-        except (OSError, ValueError) as err:
-            checker.add(tp, f"cannot build the training set: {err}")
-        else:
-            default = "" if "train" in t else (f" (a [utility] table without train trains on {train.name}'s "
-                                                 f"{DEFAULT_TRAIN['split']} split; name a training set)")
-            if (train_set.num_classes, train_set.channels) != (dataset.num_classes, dataset.channels):
-                checker.add(tp, f"{train_set.name} has {train_set.num_classes} classes and {train_set.channels} "
-                                f"channel(s), the attacked data set {dataset.num_classes} and {dataset.channels}; "
-                                f"the FL training learns the attacked data set's classes{default}")
-            if train.name == dataset_spec.name and params == dataset_spec.kwargs():
-                checker.add(tp, "the FL training would use the attacked images themselves; its accuracy is measured "
-                                "on them, so train on a disjoint split (photos: split = \"public\"; cifar10: "
-                                "split = \"train\")")
-            n, clients = values["images_per_client"], values["clients"]
-            if n is not None and isinstance(clients, int) and clients >= 1 and n * clients > len(train_set):
-                checker.add(_join(path, "images_per_client"),
-                            f"{clients} clients x {n} images need {n * clients} distinct training images per round, "
-                            f"but {train_set.name} has {len(train_set)}; lower clients or images_per_client")
+    default = "" if "train" in t else (f" (a [utility] table without train trains on {DEFAULT_TRAIN['name']}'s "
+                                         f"{DEFAULT_TRAIN['split']} split; name a training set)")
+    train, params, train_set = training_set(
+        checker, t.get("train", dict(DEFAULT_TRAIN)), tp, reg, dataset=dataset, dataset_spec=dataset_spec,
+        purpose=f"the FL training learns the attacked data set's classes{default}",
+        same_images="the FL training would use the attacked images themselves; its accuracy is measured on them")
+    n, clients = values["images_per_client"], values["clients"]
+    if train_set is not None and n is not None and isinstance(clients, int) and clients >= 1 \
+            and n * clients > len(train_set):
+        checker.add(_join(path, "images_per_client"),
+                    f"{clients} clients x {n} images need {n * clients} distinct training images per round, "
+                    f"but {train_set.name} has {len(train_set)}; lower clients or images_per_client")
     if len(checker.problems) > before or train is None or params is None:
         return None
     rounds = min(values["rounds"], SMOKE_ROUNDS) if budget == "smoke" else values["rounds"]
