@@ -52,8 +52,10 @@ def test_crash_mid_run_resumes_without_duplicates_or_losses(tiny_suite_file, tmp
     path = tiny_suite_file(images=6, iterations=150)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", str(path), "--out", str(out), "--device", "cpu", "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # --pack-size 1: rows arrive one (cell, attack) at a time, so the kill lands between them
+    # (a pack's rows arrive together, and the analytic cells after them take milliseconds)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
+                             "--pack-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -142,3 +142,33 @@ def _write_json() -> None:
              for (v, s, b, r), modes in RESULTS.items()]
     with open(path, "w") as handle:
         json.dump({"written": time.strftime("%Y-%m-%dT%H:%M:%S"), "table": table}, handle, indent=1)
+
+
+COMPILE_CASES = [("lenet", 8, 100), ("convnet", 1, 50)]
+COMPILED: dict[tuple, dict[str, float]] = {}
+
+
+@pytest.mark.parametrize("victim,restarts,iterations", COMPILE_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("compile_mode", ["off", "default"])
+def test_compiled_packed_step(benchmark, victim, restarts, iterations, compile_mode):
+    """``--compile default`` vs eager on a pack of CELLS cells (the first, compiling call is the warm-up)."""
+    from bench.attacks.optimize import Acceleration
+
+    problem = cells(victim, 32, 1)
+    attack = ATTACKS.build("inverting_gradients", iterations=iterations, restarts=restarts)
+
+    def packed():
+        attack.reconstruct_many([o for o, _, _ in problem], problem[0][1], labels=[y for _, _, y in problem],
+                                generators=[generator(k) for k in range(CELLS)])
+        _sync()
+
+    Acceleration(compile=compile_mode).apply()
+    try:
+        benchmark.group = f"compile {victim} R={restarts} K={CELLS} {iterations} it"
+        benchmark.pedantic(packed, rounds=3, warmup_rounds=1)
+    finally:
+        Acceleration().apply()
+    both = COMPILED.setdefault((victim, restarts, iterations), {})
+    both[compile_mode] = benchmark.stats.stats.min
+    if len(both) == 2:
+        benchmark.extra_info["compiled_over_eager_speed"] = both["off"] / both["default"]
