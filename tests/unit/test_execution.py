@@ -96,3 +96,35 @@ def test_process_workers_match_local_and_survive_a_killed_worker(tiny_suite_file
     executions = [r[3] for r in procs.values()]
     assert all(e["executor"] == "processes" for e in executions)
     assert any(e.get("attempt") == 2 for e in executions)  # the killed worker's pack ran again, recorded
+
+
+def test_gpu_pack_limit_is_what_the_measured_free_memory_holds(tiny_suite_file, monkeypatch):
+    """On a GPU: packs of at most MEMORY_HEADROOM x free memory / one reconstruction's probed peak,
+    never above --pack-size, at least 1; probed once per (attack, observation shape)."""
+    import bench.execute as execute
+    from bench.execute import MEMORY_HEADROOM, Worker, _Prepared
+
+    suite = load_suite(tiny_suite_file(images=2))
+    worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
+    worker.device = torch.device("cuda")  # only _pack_limit reads it here; nothing is allocated
+    probes = []
+    monkeypatch.setattr(execute, "_probe_memory", lambda spec, sample, device: probes.append(1) or 100 * 2**20)
+    free = {"bytes": 1024 * 2**20}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+
+    class Packable:
+        def pack_signature(self, observation):
+            return ("shape",)
+
+    spec = suite.cells[0].attacks[0]
+    sample = _Prepared(cell=suite.cells[0], batch=None)
+    limit, source = worker._pack_limit(spec, Packable(), sample)
+    assert limit == int(MEMORY_HEADROOM * 1024 // 100) == 7 and source == "measured GPU memory"
+    worker._pack_limit(spec, Packable(), sample)
+    assert len(probes) == 1  # cached
+    worker._limits.clear()
+    free["bytes"] = 10 * 2**20  # not even one fits: still packs of one (an OOM then gives oom rows)
+    assert worker._pack_limit(spec, Packable(), sample)[0] == 1
+    worker._limits.clear()
+    free["bytes"] = 80 * 2**30
+    assert worker._pack_limit(spec, Packable(), sample)[0] == 16  # capped by --pack-size
