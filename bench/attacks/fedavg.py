@@ -24,28 +24,12 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bench.attacks.optimize import gradient_fn
+from bench.attacks.optimize import functional_grad, gradient_fn
 from bench.core import Observation
 
 CandidateFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
-
-
-def _functional(attacker: nn.Module, observation: Observation):
-    named = dict(attacker.named_parameters())
-    missing = [n for n in observation.param_names if n not in named]
-    if missing:
-        raise ValueError(f"the observation has parameters the attacker's model lacks: {missing[:3]}")
-    params = {n: named[n].detach() for n in observation.param_names}
-    buffers = {n: b for n, b in attacker.named_buffers()}
-
-    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(attacker, (p, buffers), (x,))
-        return F.cross_entropy(out, y)
-
-    return params, torch.func.grad(loss)
 
 
 def local_training_fn(attacker: nn.Module, observation: Observation) -> CandidateFn:
@@ -64,7 +48,7 @@ def local_training_fn(attacker: nn.Module, observation: Observation) -> Candidat
     clients = observation.clients
     n = observation.batch_size // clients
     steps_per_epoch = math.ceil(n / b)
-    params0, grad = _functional(attacker, observation)
+    params0, grad = functional_grad(attacker, observation)
     names = observation.param_names
 
     def client_delta(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -104,7 +88,7 @@ def frozen_training_fn(attacker: nn.Module, observation: Observation) -> Candida
     if rest:
         raise ValueError(f"{observation.local_steps} local steps are not whole epochs of {steps_per_epoch} "
                          f"mini-batch(es) of {b} over {n} image(s)")
-    params0, grad = _functional(attacker, observation)
+    params0, grad = functional_grad(attacker, observation)
     names = observation.param_names
 
     def client_steps(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

@@ -145,24 +145,33 @@ def target_gradients(observation: Observation, device: torch.device) -> tuple[to
     return tuple(as_gradient(observation, u).to(device) for u in observation.update)
 
 
+def attacker_params(attacker: nn.Module, observation: Observation) -> tuple[dict, dict]:
+    """The attacker's parameters (detached, those the observation names) and buffers, for ``functional_call``."""
+    named = dict(attacker.named_parameters())
+    missing = [n for n in observation.param_names if n not in named]
+    if missing:
+        raise ValueError(f"the observation has parameters the attacker's model lacks: {missing[:3]}")
+    return {n: named[n].detach() for n in observation.param_names}, dict(attacker.named_buffers())
+
+
+def functional_grad(attacker: nn.Module, observation: Observation) -> tuple[dict, Callable]:
+    """The attacker's parameters and ``grad(p, x, y)``: the mean cross-entropy's gradient at any parameters ``p``."""
+    params, buffers = attacker_params(attacker, observation)
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(attacker, (p, buffers), (x,))
+        return F.cross_entropy(out, y)
+
+    return params, torch.func.grad(loss)
+
+
 def gradient_fn(attacker: nn.Module, observation: Observation) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """Candidate gradient g(x, y) of the mean cross-entropy, in the observation's parameter order.
 
     ``y`` is either class indices (B,) or soft labels (B, classes). Functional, so it can
     be differentiated again with respect to x and vmapped over restarts.
     """
-    named = dict(attacker.named_parameters())
-    missing = [n for n in observation.param_names if n not in named]
-    if missing:
-        raise ValueError(f"the observation has parameters the attacker's model lacks: {missing[:3]}")
-    params = {n: named[n].detach() for n in observation.param_names}
-    buffers = {n: b for n, b in attacker.named_buffers()}
-
-    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(attacker, (p, buffers), (x,))
-        return F.cross_entropy(out, y)
-
-    grad = torch.func.grad(loss)
+    params, grad = functional_grad(attacker, observation)
 
     def candidate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         g = grad(params, x, y)
@@ -440,12 +449,7 @@ def bn_statistics_fn(attacker: nn.Module, observation: Observation) -> Callable[
     The statistics come from the same forward pass as the gradient (``has_aux``), so the
     prior costs no second forward pass.
     """
-    named = dict(attacker.named_parameters())
-    missing = [n for n in observation.param_names if n not in named]
-    if missing:
-        raise ValueError(f"the observation has parameters the attacker's model lacks: {missing[:3]}")
-    params = {n: named[n].detach() for n in observation.param_names}
-    buffers = {n: b for n, b in attacker.named_buffers()}
+    params, buffers = attacker_params(attacker, observation)
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
