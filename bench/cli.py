@@ -244,7 +244,8 @@ def _execution(args: argparse.Namespace) -> dict:
     from bench.attacks.optimize import Acceleration
 
     return {"executor": args.executor, "workers": args.workers, "max_pack": args.pack_size,
-            "ray_address": args.address, "acceleration": Acceleration(compile=args.compile, tf32=args.tf32)}
+            "ray_address": args.address, "acceleration": Acceleration(compile=args.compile, tf32=args.tf32,
+                                                                   channels_last=args.channels_last)}
 
 
 def _execution_options(parser: argparse.ArgumentParser) -> None:
@@ -264,6 +265,9 @@ def _execution_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
                        help="torch.compile the attack step (reduce-overhead: CUDA graphs on a GPU)")
     group.add_argument("--tf32", action="store_true", help="TensorFloat-32 matmuls/convolutions (Ampere+ GPUs)")
+    group.add_argument("--channels-last", action="store_true",
+                       help="channels-last layout of the attacker's convolutions and candidates (for GPU tensor cores; "
+                            "slower on a CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

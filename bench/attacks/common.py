@@ -42,6 +42,22 @@ def layer_update(observation: Observation, prefix: str, leaf: str) -> torch.Tens
     return updates[name]
 
 
+def update_signature(observation: Observation) -> tuple:
+    """What observations of one model must share to be reconstructed in one pack: the update's
+    kind, names and shapes, the batch and input shapes and the protocol's public settings."""
+    o = observation
+    return (o.kind, o.param_names, tuple(tuple(u.shape) for u in o.update), o.batch_size, o.input_shape,
+            o.bn_mode, o.protocol, o.local_steps, o.local_batch_size, o.local_lr, o.clients, o.normalization)
+
+
+def check_pack(attack, observations) -> None:
+    """``ValueError`` unless every observation has the first one's ``attack.pack_signature``."""
+    first = attack.pack_signature(observations[0])
+    if first is None or any(attack.pack_signature(o) != first for o in observations[1:]):
+        raise ValueError(f"these {len(observations)} observations cannot share a pack: their updates differ in shape "
+                         "or protocol settings")
+
+
 def as_gradient(observation: Observation, tensor: torch.Tensor) -> torch.Tensor:
     """A FedSGD gradient as is; a weight difference turned into a pseudo-gradient (-delta / lr)."""
     if observation.kind == "gradients":

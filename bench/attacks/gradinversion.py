@@ -26,6 +26,11 @@ The BatchNorm targets (``bn_prior``):
 
 A victim without BatchNorm has an empty prior whatever ``bn_prior`` says.
 
+Packable: observations of one model with the same shape of update and of BatchNorm
+statistics run as one vectorized computation (``optimize.run_packed``); each keeps its own
+targets, labels, seeded initialization and group consensus (the mean over its own
+restarts), so a pack gives what the separate calls give.
+
 Simplifications, stated: the group's consensus is the plain mean over restarts, updated
 every step (the paper registers the restarts to each other first, and adds Langevin
 noise); labels come from the case's label strategy (Yin's own, ``yin``, assumes distinct
@@ -34,12 +39,12 @@ labels, so the battery uses ``geng`` at batch sizes above 1).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from bench.attacks.common import attacker_model
+from bench.attacks.common import attacker_model, check_pack, update_signature
 from bench.attacks.optimize import (
     Schedule,
     State,
@@ -50,8 +55,9 @@ from bench.attacks.optimize import (
     initial_images,
     l2_norm,
     restart_mean,
-    run_restarts,
+    run_packed,
     squared_distance,
+    stack_inputs,
     target_gradients,
     to_pixels,
     total_variation,
@@ -96,6 +102,8 @@ BN_TARGETS = {"shared": _shared_targets, "running": _running_targets, "none": _n
 
 
 class GradInversion(Attack):
+    packable = True
+
     def __init__(self, *, schedule: Schedule, restarts: int, grad_weight: float, bn_weight: float, bn_prior: BNPrior,
                  group_weight: float, tv_weight: float, l2_weight: float, init: str):
         self.schedule = schedule
@@ -114,44 +122,66 @@ class GradInversion(Attack):
             return ()
         return BN_TARGETS[self.bn_prior](observation, model)
 
+    def pack_signature(self, observation: Observation) -> tuple:
+        shared = None if observation.bn_stats is None else tuple(tuple(m.shape) for m, _ in observation.bn_stats)
+        return (*update_signature(observation), shared)
+
     def initial_state(self, observation: Observation, *, generator: torch.Generator,
                       device: torch.device | str = "cpu") -> State:
         return {"x": initial_images(observation, restarts=self.restarts, init=self.init, generator=generator,
                                     device=torch.device(device))}
 
     def reconstruct(self, observation, model, *, labels, generator, deadline=None, progress=None):
-        if labels is None:
+        return self.reconstruct_many([observation], model, labels=[labels], generators=[generator],
+                                     deadline=deadline, progress=progress)[0]
+
+    def reconstruct_many(self, observations: Sequence[Observation], model, *, labels, generators, deadline=None,
+                         progress=None) -> list[Reconstruction]:
+        if any(y is None for y in labels):
             raise ValueError("gradinversion needs labels from a label strategy")
-        targets = self.bn_targets(observation, model)  # before any compute: a threat-model error is immediate
+        check_pack(self, observations)
+        # before any compute: a threat-model error is immediate
+        bn_targets = [self.bn_targets(o, model) for o in observations]
+        first = observations[0]
         device = next(model.parameters()).device
-        attacker = attacker_model(model, observation, device)
-        candidate = bn_statistics_fn(attacker, observation)
-        target = target_gradients(observation, device)
-        targets = tuple((m.to(device), v.to(device)) for m, v in targets)
-        y = labels.to(device)
+        attacker = attacker_model(model, first, device)
+        candidate = bn_statistics_fn(attacker, first)
+        layers, bn_layers = len(first.update), len(bn_targets[0])
+        rows = []
+        for o, y, bn in zip(observations, labels, bn_targets):
+            row = {"y": y.to(device), **{f"t{i}": t for i, t in enumerate(target_gradients(o, device))}}
+            for j, (mean, var) in enumerate(bn):
+                row[f"mean{j}"], row[f"var{j}"] = mean.to(device), var.to(device)
+            rows.append(row)
+        coupled = self.restarts > 1 and self.group_weight > 0
         weights = self
 
-        def objective(state: State, shared: State | None = None):
+        def objective(state: State, given: State):
             x = state["x"]
-            grads, stats = candidate(x, y)
-            matching = squared_distance(grads, target)
+            grads, stats = candidate(x, given["y"])
+            matching = squared_distance(grads, tuple(given[f"t{i}"] for i in range(layers)))
             total = weights.grad_weight * matching + weights.tv_weight * total_variation(x)
             total = total + weights.l2_weight * l2_norm(x)
-            if targets:
+            if bn_layers:
+                targets = tuple((given[f"mean{j}"], given[f"var{j}"]) for j in range(bn_layers))
                 total = total + weights.bn_weight * bn_prior(stats, targets)
-            if shared is not None:
-                total = total + weights.group_weight * group_distance(x, shared["group_mean"])
+            if coupled:
+                total = total + weights.group_weight * group_distance(x, given["group_mean"])
             return total, matching
 
-        init = self.initial_state(observation, generator=generator, device=device)
-        coupled = self.restarts > 1 and self.group_weight > 0
-        result = run_restarts(objective, init, schedule=self.schedule, project=box_projection(observation, init["x"]),
-                              deadline=deadline, progress=progress, consensus=restart_mean if coupled else None)
-        images, raw = to_pixels(result.state["x"], observation)
-        return Reconstruction(
-            images=images, labels=labels.cpu(), matching_loss=float(result.matching_losses[result.best]),
-            trace=result.trace, iterations=self.schedule.iterations, restarts=self.restarts, raw_images=raw,
-        )
+        init = torch.cat([self.initial_state(o, generator=g, device=device)["x"]
+                          for o, g in zip(observations, generators)])
+        results = run_packed(objective, {"x": init}, groups=len(observations), inputs=stack_inputs(rows),
+                             schedule=self.schedule, project=box_projection(first, init), deadline=deadline,
+                             progress=progress, consensus=restart_mean if coupled else None)
+        out = []
+        for o, y, r in zip(observations, labels, results):
+            images, raw = to_pixels(r.state["x"], o)
+            out.append(Reconstruction(
+                images=images, labels=y.cpu(), matching_loss=float(r.matching_losses[r.best]), trace=r.trace,
+                iterations=self.schedule.iterations, restarts=self.restarts, raw_images=raw,
+            ))
+        return out
 
 
 @ATTACKS.register("gradinversion", version="1")

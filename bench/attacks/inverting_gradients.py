@@ -12,9 +12,9 @@ from typing import Literal, Sequence
 
 import torch
 
-from bench.attacks.common import attacker_model
+from bench.attacks.common import attacker_model, check_pack, update_signature
 from bench.attacks.fedavg import update_fn
-from bench.attacks.optimize import MATCHING, Schedule, run_packed, target_gradients, total_variation
+from bench.attacks.optimize import MATCHING, Schedule, run_packed, stack_inputs, target_gradients, total_variation
 from bench.attacks.registry import ATTACKS
 from bench.core import Attack, Observation, ParamError, Reconstruction
 
@@ -31,9 +31,7 @@ class InvertingGradients(Attack):
         self.signed = signed
 
     def pack_signature(self, observation: Observation) -> tuple:
-        o = observation
-        return (o.kind, o.param_names, tuple(tuple(u.shape) for u in o.update), o.batch_size, o.input_shape,
-                o.bn_mode, o.protocol, o.local_steps, o.local_batch_size, o.local_lr, o.clients, o.normalization)
+        return update_signature(observation)
 
     def reconstruct(self, observation, model, *, labels, generator, deadline=None, progress=None):
         return self.reconstruct_many([observation], model, labels=[labels], generators=[generator],
@@ -43,18 +41,16 @@ class InvertingGradients(Attack):
                          progress=None) -> list[Reconstruction]:
         if any(y is None for y in labels):
             raise ValueError("inverting_gradients needs labels from a label strategy")
+        check_pack(self, observations)
         first = observations[0]
-        if any(self.pack_signature(o) != self.pack_signature(first) for o in observations[1:]):
-            raise ValueError("observations of different shapes cannot share a pack")
         device = next(model.parameters()).device
         attacker = attacker_model(model, first, device)
         # FedSGD: the candidates' gradient; FedAvg (section 6 of the paper): the clients' local
         # SGD steps unrolled on the candidates, as the pseudo-gradient -delta / lr.
         candidate = update_fn(attacker, first)
-        targets = [target_gradients(o, device) for o in observations]
-        layers = len(targets[0])
-        inputs = {f"t{i}": torch.stack([t[i] for t in targets]) for i in range(layers)}
-        inputs["y"] = torch.stack([y.to(device) for y in labels])
+        layers = len(first.update)
+        inputs = stack_inputs([{"y": y.to(device), **{f"t{i}": t for i, t in enumerate(target_gradients(o, device))}}
+                               for o, y in zip(observations, labels)])
         tv_weight = self.tv_weight
         distance = MATCHING["cosine"]
 

@@ -39,7 +39,7 @@ State = dict[str, torch.Tensor]
 # objective(state of one restart) -> (total loss, matching loss); both scalars
 Objective = Callable[[State], tuple[torch.Tensor, torch.Tensor]]
 Projection = Callable[[State], None]
-# consensus(states of all restarts, restart dimension first) -> shared tensors, detached
+# consensus(states of one reconstruction's restarts, restart dimension first) -> shared tensors, detached
 Consensus = Callable[[State], State]
 
 
@@ -101,10 +101,20 @@ class Acceleration:
       captures CUDA graphs on a GPU. Compilation costs seconds per new pack shape: it pays
       off for long attacks, not for smoke runs.
     - ``tf32``: TensorFloat-32 matmuls and convolutions on Ampere+ GPUs (no effect on a CPU).
+    - ``channels_last``: the attacker's 4-D weights and the candidates (every 5-D state
+      tensor, rows × batch × C × H × W) laid out channels-last, the layout tensor-core
+      convolutions prefer; values are unchanged, only strides. On a CPU it was slower
+      (README, "Execution").
     """
 
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     tf32: bool = False
+    channels_last: bool = False
+
+    def describe(self) -> dict:
+        """What differs from the defaults, for a row's execution record (empty when nothing does)."""
+        default = Acceleration()
+        return {k: getattr(self, k) for k in ("compile", "tf32", "channels_last") if getattr(self, k) != getattr(default, k)}
 
     def apply(self) -> None:
         torch.backends.cuda.matmul.allow_tf32 = self.tf32
@@ -123,6 +133,16 @@ _ACCELERATION = [Acceleration()]
 def acceleration() -> Acceleration:
     """The speed-ups this process was configured with (``Acceleration.apply``)."""
     return _ACCELERATION[0]
+
+
+def laid_out(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in this process's memory layout: channels-last strides for 4-D and 5-D tensors
+    (the last three dimensions C, H, W) when ``Acceleration.channels_last``; else ``t``."""
+    if not acceleration().channels_last or t.dim() not in (4, 5):
+        return t
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -151,7 +171,7 @@ def attacker_params(attacker: nn.Module, observation: Observation) -> tuple[dict
     missing = [n for n in observation.param_names if n not in named]
     if missing:
         raise ValueError(f"the observation has parameters the attacker's model lacks: {missing[:3]}")
-    return {n: named[n].detach() for n in observation.param_names}, dict(attacker.named_buffers())
+    return {n: laid_out(named[n].detach()) for n in observation.param_names}, dict(attacker.named_buffers())
 
 
 def functional_grad(attacker: nn.Module, observation: Observation) -> tuple[dict, Callable]:
@@ -178,6 +198,11 @@ def gradient_fn(attacker: nn.Module, observation: Observation) -> Callable[[torc
         return tuple(g[n] for n in observation.param_names)
 
     return candidate
+
+
+def stack_inputs(rows: list[State]) -> State:
+    """Per-reconstruction inputs of ``run_packed``: each key's tensors stacked, reconstructions first."""
+    return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
 
 
 def cosine_distance(g: tuple[torch.Tensor, ...], t: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -210,10 +235,7 @@ def run_restarts(
 ) -> RestartResult:
     """Optimize R restarts of one reconstruction at once; every tensor of ``init`` has the restart dimension first.
 
-    With ``consensus``, the restarts are coupled on purpose: each iteration,
-    ``consensus(all restarts' states)`` (detached) is handed to the objective as a second
-    argument, ``objective(state, shared)``; GradInversion pulls every restart toward the
-    group's mean this way. See ``run_packed`` for the rest.
+    See ``run_packed`` (one reconstruction, ``groups = 1``) for the rest.
     """
     return run_packed(objective, init, groups=1, schedule=schedule, project=project, deadline=deadline,
                       progress=progress, trace_points=trace_points, consensus=consensus, stop_loss=stop_loss)[0]
@@ -248,10 +270,13 @@ def run_packed(
     and its own stopping: a restart whose matching loss falls below ``stop_loss`` is frozen,
     and the pack ends when every restart is. The winner of each reconstruction is its
     restart with the lowest final matching loss (attacker-side; never the ground truth).
+
+    With ``consensus``, the restarts of each reconstruction are coupled on purpose: every
+    iteration, ``consensus(that reconstruction's restarts' states)`` (detached) is added
+    to what its objective is given, ``objective(state, given)``; GradInversion pulls each
+    restart toward its group's mean this way. Reconstructions stay independent of each other.
     """
-    if consensus is not None and groups != 1:
-        raise ValueError("a consensus couples the restarts of one reconstruction; it cannot be packed (groups must be 1)")
-    state = {k: v.detach().clone() for k, v in init.items()}
+    state = {k: laid_out(v.detach().clone()) for k, v in init.items()}
     rows = next(iter(state.values())).shape[0]
     if groups < 1 or rows % groups:
         raise ValueError(f"{rows} candidate rows cannot be split into {groups} reconstructions")
@@ -337,32 +362,45 @@ class _Adam:
 def _mapped(fn: Callable, groups: int, restarts: int, inputs: State | None, consensus: Consensus | None) -> Callable:
     """``fn`` of one restart's state, applied to the G·R stacked rows of ``state``.
 
-    One reconstruction: over its restarts (``torch.func.vmap``; a plain call for a single
-    restart, whose numbers are the same without vmap's fixed cost, which made a one-restart
-    L-BFGS step 2-5x slower on a CPU), with its inputs and the consensus passed unbatched.
-    Several: an outer vmap over reconstructions (their inputs batched) around the inner one,
-    so each reconstruction's inputs are shared by its restarts without being copied.
+    ``fn``'s second argument, when there are inputs or a consensus, is its reconstruction's
+    inputs together with the consensus of its restarts. One reconstruction: over its
+    restarts (``torch.func.vmap``; a plain call for a single restart, whose numbers are the
+    same without vmap's fixed cost, which made a one-restart L-BFGS step 2-5x slower on a
+    CPU), that argument passed unbatched. Several: an outer vmap over reconstructions (their
+    inputs and consensus batched) around the inner one, so each reconstruction's inputs are
+    shared by its restarts without being copied.
     """
+    given = inputs is not None or consensus is not None
     if groups == 1:
-        shared = inputs is not None or consensus is not None
-        inner = over_restarts(fn, restarts=restarts, shared=shared)
-        if consensus is not None:
-            def apply(states: State):
-                return inner(states, {k: v.detach() for k, v in consensus(states).items()})
-            return apply
-        if inputs is not None:
-            one = {k: v[0] for k, v in inputs.items()}
-            return lambda states: inner(states, one)
-        return inner
+        inner = over_restarts(fn, restarts=restarts, shared=given)
+        if not given:
+            return inner
+        one = {k: v[0] for k, v in (inputs or {}).items()}
+
+        def apply_one(states: State):
+            return inner(states, _with_consensus(one, consensus, states))
+
+        return apply_one
     inner = fn if restarts == 1 else torch.func.vmap(fn, in_dims=(0, None))
     outer = torch.func.vmap(inner, in_dims=(0, 0))
+    per_group = None if consensus is None else torch.func.vmap(consensus)
 
     def apply(states: State):
-        split = {k: v.reshape(groups, restarts, *v.shape[1:]) if restarts > 1 else v for k, v in states.items()}
-        out = outer(split, inputs if inputs is not None else {})
+        split = {k: v.reshape(groups, restarts, *v.shape[1:]) for k, v in states.items()}
+        out = outer(split if restarts > 1 else states, _with_consensus(inputs or {}, per_group, split))
         return tree_map(lambda t: t.reshape(groups * restarts, *t.shape[2:]) if restarts > 1 else t, out)
 
     return apply
+
+
+def _with_consensus(inputs: State, consensus: Consensus | None, states: State) -> State:
+    if consensus is None:
+        return inputs
+    shared = {k: v.detach() for k, v in consensus(states).items()}
+    clash = shared.keys() & inputs.keys()
+    if clash:
+        raise ValueError(f"the consensus and the inputs both name {sorted(clash)}")
+    return {**inputs, **shared}
 
 
 def over_restarts(fn: Callable, *, restarts: int, shared: bool = False) -> Callable:

@@ -73,7 +73,7 @@ def test_bn_train_mode_normalizes_each_restart_by_its_own_batch(smooth_batch):
     assert torch.allclose(both[0], other[0], atol=1e-6)
 
 
-def _observations(smooth_batch, victim, params, bn_mode, cells):
+def _observations(smooth_batch, victim, params, bn_mode, cells, threat=ThreatModel()):
     """``cells`` observations of one model: different images (and so different targets and labels)."""
     model = build_victim(victim, params, num_classes=8, in_channels=3, side=16, seed=0)
     out = []
@@ -82,7 +82,7 @@ def _observations(smooth_batch, victim, params, bn_mode, cells):
         batch = type(batch)(images=batch.images[2 * c:], labels=batch.labels[2 * c:], image_ids=batch.image_ids[2 * c:],
                             normalization=batch.normalization, num_classes=batch.num_classes)
         obs, client = PROTOCOLS.build("fedsgd", batch_size=2, bn_mode=bn_mode).client_update(
-            model, batch, defense=DEFENSES.build("none"), threat=ThreatModel(), generator=generator(c))
+            model, batch, defense=DEFENSES.build("none"), threat=threat, generator=generator(c))
         out.append((obs, client, batch.labels))
     return out
 
@@ -105,6 +105,24 @@ def test_a_pack_of_cells_matches_the_cells_one_by_one(smooth_batch, victim, para
         assert (alone.images - packed[c].images).abs().max() < 1e-4
         assert [i for i, _ in packed[c].trace] == [i for i, _ in alone.trace]
         assert [v for _, v in packed[c].trace] == pytest.approx([v for _, v in alone.trace], rel=1e-4, abs=1e-6)
+
+
+def test_a_gradinversion_pack_matches_the_cells_one_by_one(smooth_batch):
+    """GradInversion packs too: each cell keeps its own BatchNorm targets (the client's shared batch
+    statistics) and its own group consensus (the mean over its restarts only)."""
+    cells = _observations(smooth_batch, "test_tiny", {"norm": "batch", "activation": "relu"}, "train", 3,
+                          threat=ThreatModel(bn_stats="shared"))
+    attack = ATTACKS.build("gradinversion", iterations=16, restarts=3, warmup=2, bn_prior="shared",
+                           group_weight=1.0, bn_weight=1.0)
+    assert attack.pack_signature(cells[0][0]) == attack.pack_signature(cells[2][0])
+    packed = attack.reconstruct_many([o for o, _, _ in cells], cells[0][1], labels=[y for _, _, y in cells],
+                                     generators=[generator(20 + c) for c in range(3)])
+    assert len({float(r.matching_loss) for r in packed}) == 3
+    for c, (obs, client, y) in enumerate(cells):
+        alone = attack.reconstruct(obs, client, labels=y, generator=generator(20 + c))
+        assert abs(alone.matching_loss - packed[c].matching_loss) < 1e-5 * max(1.0, alone.matching_loss)
+        assert (alone.images - packed[c].images).abs().max() < 1e-4
+        assert (alone.raw_images - packed[c].raw_images).abs().max() < 1e-4
 
 
 def test_packed_adam_matches_torch_adam_and_keeps_each_rows_learning_rate():
@@ -163,5 +181,42 @@ def test_compiled_step_keeps_the_numbers(smooth_batch):
     for a, b in zip(eager, compiled):
         assert abs(a.matching_loss - b.matching_loss) < 1e-4 * max(1.0, a.matching_loss)
         # a signed step flips where a gradient entry is ~0 and rounding differs: rare pixels move by ~lr
+        diff = (a.images - b.images).abs()
+        assert diff.mean() < 1e-4 and diff.max() < 1e-2
+
+
+def test_channels_last_keeps_the_numbers_and_the_layout(smooth_batch):
+    """``--channels-last`` changes strides only: a BatchNorm pack gives eager fp32's reconstructions,
+    and the candidates really are laid out channels-last while it runs."""
+    from bench.attacks import optimize
+    from bench.attacks.optimize import Acceleration
+
+    cells = _observations(smooth_batch, "test_tiny", {"norm": "batch", "activation": "relu"}, "train", 2)
+    attack = ATTACKS.build("inverting_gradients", iterations=8, restarts=2, lr=0.1, tv_weight=1e-2)
+
+    def run():
+        return attack.reconstruct_many([o for o, _, _ in cells], cells[0][1], labels=[y for _, _, y in cells],
+                                       generators=[generator(5), generator(6)])
+
+    plain = run()
+    seen = []
+    adam_step = optimize._Adam.step
+
+    def spy(self, state, grads, **kw):
+        x = state["x"]
+        seen.append(x.permute(0, 1, 3, 4, 2).is_contiguous())  # C innermost: channels-last strides
+        return adam_step(self, state, grads, **kw)
+
+    try:
+        Acceleration(channels_last=True).apply()
+        optimize._Adam.step = spy
+        fast = run()
+    finally:
+        optimize._Adam.step = adam_step
+        Acceleration().apply()
+    assert seen and all(seen)
+    assert optimize.laid_out(torch.ones(1, 1, 3, 4, 4)).is_contiguous()  # default layout restored
+    for a, b in zip(plain, fast):
+        assert abs(a.matching_loss - b.matching_loss) < 1e-4 * max(1.0, a.matching_loss)
         diff = (a.images - b.images).abs()
         assert diff.mean() < 1e-4 and diff.max() < 1e-2
