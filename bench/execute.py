@@ -14,9 +14,11 @@ are identical (a defense such as DP-SGD may change the architecture). Other atta
 cell after cell. Every reconstruction draws from its own cell's seeds, so a pack gives
 the numbers the cells give alone, up to floating-point order.
 
-How many reconstructions go into one batched call: at most ``max_pack``; on a GPU also
-at most what fits in the free memory, measured with a two-iteration probe of one
-reconstruction. On out-of-memory the call is split in halves and retried, down to one
+How many reconstructions go into one batched call: at most ``max_pack``, and at most what
+fits in the free memory, measured with a two-iteration probe of one reconstruction: on a
+GPU the allocator's peak, on a Linux CPU the process's peak resident memory (``/proc``);
+where memory cannot be measured, ``max_pack`` alone. On out-of-memory (a GPU's, or a CPU
+allocation that fails) the call is split in halves and retried, down to one
 reconstruction (then the rows say ``oom``); every row records its pack size, the limit
 and the splits (``results.execution_json``), so no fallback is silent.
 """
@@ -28,13 +30,13 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench import components, sanity
+from bench import components, memory, sanity
 from bench.attacks.optimize import Acceleration
 from bench.core import AttackTimeout, Batch, ThreatModelError, derive_seed, generator
 from bench.fl import utility_cost
@@ -46,7 +48,14 @@ from victims import build_victim
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PACK = 8
-MEMORY_HEADROOM = 0.7  # share of the free GPU memory a pack may plan to use
+MEMORY_HEADROOM = 0.7  # share of the free memory (GPU, or the CPU's available RAM) a pack may plan to use
+
+# Linux interfaces of the CPU memory measurement (module constants: tests point them elsewhere)
+_PROC_STATUS = "/proc/self/status"  # VmRSS, VmHWM (peak resident set)
+_CLEAR_REFS = "/proc/self/clear_refs"  # writing "5" resets VmHWM to the current VmRSS
+_MEMINFO = "/proc/meminfo"
+_PROC_CGROUP = "/proc/self/cgroup"
+_CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 class Progress(Protocol):
@@ -159,15 +168,19 @@ class Worker:
     """Runs packs of one suite on one device. Holds the data set, the last server model and LPIPS."""
 
     def __init__(self, suite: Suite, *, device: torch.device, max_pack: int = DEFAULT_MAX_PACK,
-                 acceleration: Acceleration | None = None):
-        (acceleration or Acceleration()).apply()
+                 acceleration: Acceleration | None = None, memory_share: float = 1.0):
+        """``memory_share``: the part of the device's free memory this worker plans for (1/N for N
+        workers on one device, so that together they stay within the headroom)."""
+        self.acceleration = acceleration or Acceleration()
+        self.acceleration.apply()
         self.suite = suite
         self.device = device
         self.max_pack = max(1, int(max_pack))
+        self.memory_share = memory_share
         self.dataset = components.registries()["dataset"].build(suite.dataset.name, **suite.dataset.kwargs())
         self.victims = _Cache()
         self._lpips = None
-        self._limits: dict[tuple, int] = {}
+        self._limits: dict[tuple, tuple[int, str]] = {}
 
     @property
     def lpips(self):
@@ -313,7 +326,7 @@ class Worker:
         try:
             outcomes = packed_rows(chunk, spec, attack, self.lpips, progress)
         except _OutOfMemory as err:
-            _free_memory(self.device)
+            memory.release(self.device)
             if len(chunk) == 1:
                 rows = failed_rows(chunk[0].batch, "oom", str(err))
                 yield self._event(chunk[0], spec, rows, {}, time.monotonic() - t0,
@@ -331,54 +344,63 @@ class Worker:
             yield self._event(p, spec, rows, pngs, seconds, execution, progress)
 
     def _pack_limit(self, spec: AttackSpec, attack, sample: _Prepared) -> tuple[int, str]:
-        """How many reconstructions one call may hold: ``max_pack``, and on a GPU what the free memory allows."""
-        if self.device.type != "cuda":
-            return self.max_pack, "max_pack (memory not measured on a CPU)"
+        """How many reconstructions one call may hold, and where that number comes from: ``max_pack``, and
+        what the free memory allows (GPU, or CPU on Linux); probed once per (attack, observation shape)."""
         key = (spec.key, attack.pack_signature(sample.observation))
         if key not in self._limits:
+            self._limits[key] = self._measured_limit(spec, sample)
+        return self._limits[key]
+
+    def _measured_limit(self, spec: AttackSpec, sample: _Prepared) -> tuple[int, str]:
+        try:
             per = _probe_memory(spec, sample, self.device)
-            free, _ = torch.cuda.mem_get_info(self.device)
-            fits = int(MEMORY_HEADROOM * free // max(per, 1))
-            self._limits[key] = max(1, min(self.max_pack, fits))
+            free = memory.free_bytes(self.device)
+        except memory.NotMeasured as err:
+            reason = str(err)
+        except Exception as err:  # the packed call itself will then say what is wrong, as rows
+            memory.release(self.device)
+            reason = f"the probe failed: {type(err).__name__}" + (f": {memory.first_line(err)}" if str(err) else "")
+        else:
+            limit = max(1, min(self.max_pack, int(MEMORY_HEADROOM * self.memory_share * free // max(per, 1))))
             log.info("%s: %.1f MiB per reconstruction, %.0f MiB free: packs of %d", spec.name, per / 2**20,
-                     free / 2**20, self._limits[key])
-        return self._limits[key], "measured GPU memory"
+                     free / 2**20, limit)
+            share = "" if self.memory_share == 1 else f" (a {self.memory_share:.2g} share)"
+            return limit, f"measured {'GPU' if self.device.type == 'cuda' else 'CPU'} memory{share}"
+        log.info("%s: packs of at most %d, memory not measured: %s", spec.name, self.max_pack, reason)
+        return self.max_pack, f"max_pack (memory not measured: {reason})"
+
+    def _recorded(self, execution: dict) -> dict:
+        """The row's execution record, with the speed-ups it ran under (none named: plain fp32)."""
+        speedups = self.acceleration.describe()
+        return {**execution, "acceleration": speedups} if speedups else execution
 
     def _event(self, p: _Prepared, spec: AttackSpec, rows: list[ResultRow], pngs: dict[int, bytes], seconds: float,
                execution: dict, progress: Progress) -> AttackEvent:
         rows = [ResultRow(**{**r.__dict__, "seconds": seconds}) for r in rows]
         return AttackEvent(cell_key=p.cell.key, attack_key=spec.key, attack=spec.identity(), rows=rows,
-                           reconstruction_pngs=pngs, execution=execution)
+                           reconstruction_pngs=pngs, execution=self._recorded(execution))
 
 
 class _OutOfMemory(RuntimeError):
     pass
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
-
-
-def _free_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _probe_memory(spec: AttackSpec, sample: _Prepared, device: torch.device) -> int:
-    """Peak GPU bytes of one reconstruction of ``spec`` over two iterations, above what is allocated now."""
+    """Peak bytes of one reconstruction of ``spec`` over two iterations, above what is in use now
+    (``bench.memory.peak_bytes``); raises ``NotMeasured`` where memory cannot be measured."""
+    return memory.peak_bytes(_probe_run(spec, sample), device)
+
+
+def _probe_run(spec: AttackSpec, sample: _Prepared) -> Callable[[], object]:
+    """The probe: ``spec``'s attack with two iterations, ready to reconstruct ``sample`` once."""
     reg = components.registries()
     params = spec.kwargs()
     if "iterations" in reg["attack"].get(spec.name).parameters():
         params = {**params, "iterations": 2}
     probe = reg["attack"].build(spec.name, **params)
     labels = sample.batch.labels if probe.uses_labels else None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    probe.reconstruct_many([sample.observation], sample.client_model, labels=[labels], generators=[generator(0)])
-    torch.cuda.synchronize(device)
-    return max(1, torch.cuda.max_memory_allocated(device) - base)
+    return lambda: probe.reconstruct_many([sample.observation], sample.client_model, labels=[labels],
+                                          generators=[generator(0)])
 
 
 def _model_fingerprint(model: torch.nn.Module) -> tuple:
@@ -446,8 +468,8 @@ def packed_rows(chunk: list[_Prepared], spec: AttackSpec, attack, lpips_scorer,
                 generators=[generator(chunk[i].cell.suite_seed, chunk[i].cell.key, spec.key, "attack") for i in members],
                 deadline=deadline, progress=progress.iterations)
         except Exception as err:
-            if _is_oom(err):
-                raise _OutOfMemory(str(err).splitlines()[0]) from err
+            if memory.is_oom(err):
+                raise _OutOfMemory(memory.first_line(err)) from err
             for i in members:
                 results[i] = failure(err, chunk[i].batch, spec)
         else:
@@ -463,8 +485,8 @@ def failure(err: BaseException, batch: Batch, spec: AttackSpec) -> tuple[list[Re
     """Failures are data, with their reason."""
     if isinstance(err, AttackTimeout):
         return failed_rows(batch, "timeout", str(err)), {}
-    if _is_oom(err):
-        return failed_rows(batch, "oom", str(err).splitlines()[0]), {}
+    if memory.is_oom(err):
+        return failed_rows(batch, "oom", memory.first_line(err)), {}
     if isinstance(err, ThreatModelError):
         return failed_rows(batch, "error", f"threat model: {err}"), {}
     log.debug("attack %s failed:\n%s", spec.name, "".join(traceback.format_exception(err)))

@@ -48,6 +48,7 @@ labels = "idlg"
 name = "inverting_gradients"
 iterations = {iterations}
 restarts = 2
+{extra}
 
 [[case]]
 victim = {{ name = "fc", hidden = 32 }}
@@ -59,9 +60,10 @@ name = "analytic_fc"
 
 @pytest.fixture
 def tiny_suite_file(tmp_path: Path):
-    def make(*, images: int = 2, iterations: int = 20) -> Path:
+    def make(*, images: int = 2, iterations: int = 20, extra_attack: str = "") -> Path:
+        """``extra_attack``: TOML of a second ``[[case.attacks]]`` entry for the test_tiny case."""
         path = tmp_path / "tiny.toml"
-        path.write_text(textwrap.dedent(TINY_SUITE.format(images=images, iterations=iterations)))
+        path.write_text(textwrap.dedent(TINY_SUITE.format(images=images, iterations=iterations, extra=extra_attack)))
         return path
 
     return make

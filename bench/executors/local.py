@@ -6,7 +6,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from bench.attacks.optimize import Acceleration
+from bench.attacks.optimize import Acceleration, acceleration
 from bench.execute import Event, Pack, Progress, SilentProgress, Worker
 from bench.suite import Suite
 
@@ -26,7 +26,11 @@ class LocalExecutor:
         return f"local ({self.device.type}, packs of up to {self.max_pack})"
 
     def events(self, packs: Iterable[Pack]) -> Iterator[tuple[Pack, Event]]:
-        worker = Worker(self.suite, device=self.device, max_pack=self.max_pack, acceleration=self.acceleration)
-        for pack in packs:
-            for event in worker.run_pack(pack, self.progress):
-                yield pack, event
+        before = acceleration()  # the speed-ups are process-wide: a library caller gets its own back
+        try:
+            worker = Worker(self.suite, device=self.device, max_pack=self.max_pack, acceleration=self.acceleration)
+            for pack in packs:
+                for event in worker.run_pack(pack, self.progress):
+                    yield pack, event
+        finally:
+            before.apply()

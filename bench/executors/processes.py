@@ -40,7 +40,7 @@ def devices_for(workers: int | None, device: torch.device) -> list[str]:
 
 
 def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, results, worker_id: int,
-                 acceleration=None) -> None:
+                 acceleration=None, memory_share: float = 1.0) -> None:
     from bench.execute import Worker
 
     if threads:
@@ -48,7 +48,7 @@ def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, 
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    worker = Worker(suite, device=dev, max_pack=max_pack, acceleration=acceleration)
+    worker = Worker(suite, device=dev, max_pack=max_pack, acceleration=acceleration, memory_share=memory_share)
     while True:
         item = tasks.get()
         if item is None:
@@ -91,7 +91,7 @@ class ProcessExecutor:
             tasks = ctx.Queue()
             proc = ctx.Process(target=_worker_main, name=f"leakbench-worker-{worker_id}", daemon=True,
                                args=(self.suite, device, self.max_pack, self.threads, tasks, results, worker_id,
-                                     self.acceleration))
+                                     self.acceleration, 1 / self.devices.count(device)))
             proc.start()
             workers[worker_id] = {"proc": proc, "tasks": tasks, "device": device, "busy": None}
 

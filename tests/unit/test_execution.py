@@ -7,9 +7,12 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import sys
 
+import pytest
 import torch
 
+from bench import memory
 from bench.execute import SilentProgress, plan_packs
 from bench.store import store_path
 from bench.suite import load_suite
@@ -50,15 +53,47 @@ def test_packing_cells_gives_what_each_cell_gives_alone(tiny_suite_file, tmp_pat
     assert packs == {4} and {r[3]["pack"] for r in alone.values()} == {1}
 
 
-def test_out_of_memory_splits_the_pack_and_says_so(tiny_suite_file, tmp_path, monkeypatch):
-    """A pack that does not fit is halved until it does; the rows record the splits."""
+def test_gradinversion_packs_too_and_channels_last_is_recorded(tiny_suite_file, tmp_path):
+    """GradInversion packs across cells in the runner, and ``--channels-last`` gives the same numbers
+    (values unchanged, only strides) and says so in every row's execution record."""
+    from bench.attacks.optimize import Acceleration, acceleration
+
+    suite = load_suite(tiny_suite_file(images=3, iterations=12, extra_attack="""
+        [[case.attacks]]
+        name = "gradinversion"
+        iterations = 12
+        restarts = 2
+        warmup = 2
+        bn_prior = "none"
+        """))
+    run_suite(suite, out_dir=tmp_path / "alone", device="cpu", max_pack=1)
+    run_suite(suite, out_dir=tmp_path / "packed", device="cpu", max_pack=3, acceleration=Acceleration(channels_last=True))
+    alone, packed = rows(tmp_path / "alone"), rows(tmp_path / "packed")
+    same_numbers(alone, packed)
+    assert {r[3]["pack"] for k, r in packed.items() if k[1].startswith("gradinversion")} == {3}
+    assert all(r[3]["acceleration"] == {"channels_last": True} for r in packed.values())
+    assert all("acceleration" not in r[3] for r in alone.values())  # plain fp32 names no speed-up
+    assert acceleration() == Acceleration()  # the process's speed-ups are back as they were
+
+
+OUT_OF_MEMORY = {
+    "cuda": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cpu allocator": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                                          "can't allocate memory: you tried to allocate 2147483648 bytes."),
+    "python": lambda: MemoryError(),
+}
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY)
+def test_out_of_memory_splits_the_pack_and_says_so(tiny_suite_file, tmp_path, monkeypatch, error):
+    """A pack that does not fit (on a GPU or a CPU) is halved until it does; the rows record the splits."""
     from bench.attacks.inverting_gradients import InvertingGradients
 
     real = InvertingGradients.reconstruct_many
 
     def small_memory(self, observations, *args, **kwargs):
         if len(observations) > 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OUT_OF_MEMORY[error]()
         return real(self, observations, *args, **kwargs)
 
     monkeypatch.setattr(InvertingGradients, "reconstruct_many", small_memory)
@@ -96,6 +131,8 @@ def test_process_workers_match_local_and_survive_a_killed_worker(tiny_suite_file
     executions = [r[3] for r in procs.values()]
     assert all(e["executor"] == "processes" for e in executions)
     assert any(e.get("attempt") == 2 for e in executions)  # the killed worker's pack ran again, recorded
+    # the two CPU workers share the machine's memory: each plans packs for half of it
+    assert {e["limit_from"] for e in executions if "limit_from" in e} == {"measured CPU memory (a 0.5 share)"}
 
 
 def test_gpu_pack_limit_is_what_the_measured_free_memory_holds(tiny_suite_file, monkeypatch):
@@ -128,3 +165,161 @@ def test_gpu_pack_limit_is_what_the_measured_free_memory_holds(tiny_suite_file, 
     worker._limits.clear()
     free["bytes"] = 80 * 2**30
     assert worker._pack_limit(spec, Packable(), sample)[0] == 16  # capped by --pack-size
+
+
+class Packable:
+    def pack_signature(self, observation):
+        return ("shape",)
+
+
+def test_cpu_pack_limit_is_what_the_measured_available_memory_holds(tiny_suite_file, monkeypatch):
+    """On a CPU: the GPU's arithmetic with the probed peak resident set and the available RAM."""
+    import bench.execute as execute
+    from bench.execute import MEMORY_HEADROOM, Worker, _Prepared
+
+    suite = load_suite(tiny_suite_file(images=2))
+    worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
+    probes = []
+    monkeypatch.setattr(execute, "_probe_memory", lambda spec, sample, device: probes.append(device) or 300 * 2**20)
+    free = {"bytes": 2048 * 2**20}
+    monkeypatch.setattr(memory, "free_cpu_bytes", lambda: free["bytes"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("a CPU worker asked CUDA"))
+
+    spec = suite.cells[0].attacks[0]
+    sample = _Prepared(cell=suite.cells[0], batch=None)
+    limit, source = worker._pack_limit(spec, Packable(), sample)
+    assert limit == int(MEMORY_HEADROOM * 2048 // 300) == 4 and source == "measured CPU memory"
+    assert worker._pack_limit(spec, Packable(), sample) == (4, "measured CPU memory")
+    assert probes == [torch.device("cpu")]  # cached per (attack, observation shape)
+    worker._limits.clear()
+    free["bytes"] = 100 * 2**20  # not even one fits: still packs of one (an allocation failure then gives oom rows)
+    assert worker._pack_limit(spec, Packable(), sample) == (1, "measured CPU memory")
+    worker._limits.clear()
+    free["bytes"] = 64 * 2**30
+    assert worker._pack_limit(spec, Packable(), sample) == (16, "measured CPU memory")  # capped by --pack-size
+    # two CPU workers on one machine (--executor processes --workers 2) each plan for half the headroom
+    halved = Worker(suite, device=torch.device("cpu"), max_pack=16, memory_share=0.5)
+    free["bytes"] = 2048 * 2**20
+    assert halved._pack_limit(spec, Packable(), sample) == (int(MEMORY_HEADROOM * 1024 // 300),
+                                                            "measured CPU memory (a 0.5 share)")
+
+
+@pytest.mark.parametrize("missing", ["_CLEAR_REFS", "_PROC_STATUS", "_MEMINFO"])
+def test_cpu_memory_not_measurable_falls_back_to_max_pack(tiny_suite_file, monkeypatch, tmp_path, missing):
+    """No /proc (macOS), or a /proc file not there or not writable (a locked-down container): packs of
+    --pack-size, saying why, once per key; without a way to read and reset the peak, the probe does not run."""
+    import bench.execute as execute
+    from bench.execute import Worker, _Prepared
+
+    suite = load_suite(tiny_suite_file(images=2))
+    worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
+    monkeypatch.setattr(memory, missing, str(tmp_path / "no-such-dir" / "file"))
+    runs = []
+    monkeypatch.setattr(execute, "_probe_run", lambda spec, sample: lambda: runs.append(1))
+
+    spec = suite.cells[0].attacks[0]
+    sample = _Prepared(cell=suite.cells[0], batch=None)
+    limit, source = worker._pack_limit(spec, Packable(), sample)
+    assert limit == 16 and source.startswith("max_pack (memory not measured: ") and "no-such-dir" in source
+    assert worker._pack_limit(spec, Packable(), sample) == (limit, source)
+    assert runs == ([1] if missing == "_MEMINFO" else [])
+
+
+def test_a_failing_probe_falls_back_to_max_pack(tiny_suite_file, monkeypatch):
+    """The probe is a real reconstruction; if it fails, the packed call runs anyway (its rows then say why)."""
+    import bench.execute as execute
+    from bench.execute import Worker, _Prepared
+
+    suite = load_suite(tiny_suite_file(images=2))
+    worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
+
+    def broken(spec, sample):
+        raise ValueError("no such thing\nsecond line")
+
+    monkeypatch.setattr(execute, "_probe_run", broken)
+    sample = _Prepared(cell=suite.cells[0], batch=None)
+    assert worker._pack_limit(suite.cells[0].attacks[0], Packable(), sample) == (
+        16, "max_pack (memory not measured: the probe failed: ValueError: no such thing)")
+
+
+def meminfo_kib(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_free_cpu_bytes_is_the_available_ram():
+    from bench.memory import free_cpu_bytes
+
+    assert 0 < free_cpu_bytes() <= meminfo_kib("MemTotal") * 1024
+
+
+def test_free_cpu_bytes_stays_under_cgroup_v2_limits(monkeypatch, tmp_path):
+    """Under cgroup v2, each limited level (the process's cgroup or an ancestor) caps the free bytes at
+    its limit less its usage, inactive page cache counted as free; "max" levels do not cap."""
+
+    (tmp_path / "meminfo").write_text("MemTotal:       8000000 kB\nMemAvailable:   4194304 kB\n")  # 4 GiB
+    (tmp_path / "cgroup").write_text("12:memory:/ignored-v1\n0::/pod/job\n")
+    root = tmp_path / "fs"
+    for group, limit, current, inactive in [("pod", 3 * 2**30, 2 * 2**30, 0),
+                                            ("pod/job", "max", 2**30, 0)]:
+        (root / group).mkdir(parents=True)
+        (root / group / "memory.max").write_text(f"{limit}\n")
+        (root / group / "memory.current").write_text(f"{current}\n")
+        (root / group / "memory.stat").write_text(f"anon 1000\ninactive_file {inactive}\nactive_file 5\n")
+    monkeypatch.setattr(memory, "_MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(memory, "_PROC_CGROUP", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(memory, "_CGROUP_ROOT", str(root))
+    assert memory.free_cpu_bytes() == 2**30  # the pod: 3 GiB limit, 2 GiB used
+
+    (root / "pod/job/memory.max").write_text(f"{int(1.5 * 2**30)}\n")
+    (root / "pod/job/memory.stat").write_text(f"inactive_file {2**29}\n")
+    assert memory.free_cpu_bytes() == 2**30  # the job: 1.5 GiB limit, 1 GiB used of which 0.5 GiB reclaimable
+
+    (root / "pod/job/memory.max").write_text(f"{2**30}\n")
+    assert memory.free_cpu_bytes() == 2**29
+    (tmp_path / "cgroup").write_text("12:memory:/only-cgroup-v1\n")  # no cgroup v2: MemAvailable
+    assert memory.free_cpu_bytes() == 4 * 2**30
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_cpu_probe_measures_what_a_reconstruction_holds(tiny_suite_file):
+    """The CPU probe's peak resident set: an allocation's size when the probe allocates a known tensor,
+    small and positive for the tiny suite's attack, and clearly more for the same attack with 512 x its
+    restarts; the pack limit then says it was measured."""
+    import dataclasses
+
+    from bench import components
+    from bench.execute import Worker, _probe_memory
+    from bench.memory import _cpu_peak_bytes
+
+    # the kernel's resident-set counters lag by up to 64 pages per thread: not to the byte
+    assert 60 * 2**20 < _cpu_peak_bytes(lambda: torch.ones(64 * 2**20, dtype=torch.uint8)) < 80 * 2**20
+
+    suite = load_suite(tiny_suite_file(images=1))
+    worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
+    sample, _ = worker._prepare(suite.cells[0], SilentProgress())
+    spec = suite.cells[0].attacks[0]  # inverting_gradients, 2 restarts of one 16 x 16 image
+    more = dataclasses.replace(spec, params=tuple((k, 1024 if k == "restarts" else v) for k, v in spec.params))
+    _probe_memory(spec, sample, worker.device)  # a process's first reconstruction also faults in code and buffers
+    small = _probe_memory(spec, sample, worker.device)
+    big = _probe_memory(more, sample, worker.device)
+    assert 0 < small < 64 * 2**20  # measured: about 0.13 MiB
+    assert big - small > 16 * 2**20  # measured: about 78 MiB
+
+    attack = components.registries()["attack"].build(spec.name, **spec.kwargs())
+    limit, source = worker._pack_limit(spec, attack, sample)
+    assert source == "measured CPU memory" and 1 <= limit <= 16
+
+
+def test_cpu_allocation_failures_are_out_of_memory():
+    from bench.memory import is_oom
+
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes"))
+    assert is_oom(MemoryError())
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(RuntimeError) as failed:
+        torch.empty(2**62, dtype=torch.uint8)  # more than any address space: the allocator's own error
+    assert is_oom(failed.value)
+    assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_oom(ValueError("can't allocate memory"))  # only the allocator's RuntimeError
