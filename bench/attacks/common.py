@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from bench.core import Observation
+from bench.core import Attack, Observation, Reconstruction
 
 
 def update_by_name(observation: Observation) -> dict[str, torch.Tensor]:
@@ -50,12 +51,29 @@ def update_signature(observation: Observation) -> tuple:
             o.bn_mode, o.protocol, o.local_steps, o.local_batch_size, o.local_lr, o.clients, o.normalization)
 
 
-def check_pack(attack, observations) -> None:
-    """``ValueError`` unless every observation has the first one's ``attack.pack_signature``."""
-    first = attack.pack_signature(observations[0])
-    if first is None or any(attack.pack_signature(o) != first for o in observations[1:]):
-        raise ValueError(f"these {len(observations)} observations cannot share a pack: their updates differ in shape "
-                         "or protocol settings")
+class PackedAttack(Attack):
+    """An attack whose every call is a pack (``optimize.run_packed``): ``reconstruct`` is a pack
+    of one, so a cell alone and a cell in a pack take the same path. Subclasses write
+    ``reconstruct_many``, starting with ``self.check(observations, labels)``."""
+
+    packable = True
+    name = "attack"  # for messages
+
+    def pack_signature(self, observation: Observation) -> tuple:
+        return update_signature(observation)
+
+    def reconstruct(self, observation, model, *, labels, generator, deadline=None, progress=None) -> Reconstruction:
+        return self.reconstruct_many([observation], model, labels=[labels], generators=[generator],
+                                     deadline=deadline, progress=progress)[0]
+
+    def check(self, observations: Sequence[Observation], labels: Sequence[torch.Tensor | None]) -> None:
+        """``ValueError`` for a missing label set, or observations whose pack signatures differ."""
+        if self.uses_labels and any(y is None for y in labels):
+            raise ValueError(f"{self.name} needs labels from a label strategy")
+        first = self.pack_signature(observations[0])
+        if any(self.pack_signature(o) != first for o in observations[1:]):
+            raise ValueError(f"these {len(observations)} observations cannot share a pack: their updates differ in "
+                             "shape or protocol settings")
 
 
 def as_gradient(observation: Observation, tensor: torch.Tensor) -> torch.Tensor:

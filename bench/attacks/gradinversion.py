@@ -44,7 +44,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from bench.attacks.common import attacker_model, check_pack, update_signature
+from bench.attacks.common import PackedAttack, attacker_model, update_signature
 from bench.attacks.optimize import (
     Schedule,
     State,
@@ -101,8 +101,8 @@ def _no_targets(observation: Observation, model: nn.Module) -> tuple:
 BN_TARGETS = {"shared": _shared_targets, "running": _running_targets, "none": _no_targets}
 
 
-class GradInversion(Attack):
-    packable = True
+class GradInversion(PackedAttack):
+    name = "gradinversion"
 
     def __init__(self, *, schedule: Schedule, restarts: int, grad_weight: float, bn_weight: float, bn_prior: BNPrior,
                  group_weight: float, tv_weight: float, l2_weight: float, init: str):
@@ -131,15 +131,9 @@ class GradInversion(Attack):
         return {"x": initial_images(observation, restarts=self.restarts, init=self.init, generator=generator,
                                     device=torch.device(device))}
 
-    def reconstruct(self, observation, model, *, labels, generator, deadline=None, progress=None):
-        return self.reconstruct_many([observation], model, labels=[labels], generators=[generator],
-                                     deadline=deadline, progress=progress)[0]
-
     def reconstruct_many(self, observations: Sequence[Observation], model, *, labels, generators, deadline=None,
                          progress=None) -> list[Reconstruction]:
-        if any(y is None for y in labels):
-            raise ValueError("gradinversion needs labels from a label strategy")
-        check_pack(self, observations)
+        self.check(observations, labels)
         # before any compute: a threat-model error is immediate
         bn_targets = [self.bn_targets(o, model) for o in observations]
         first = observations[0]

@@ -12,15 +12,24 @@ from typing import Literal, Sequence
 
 import torch
 
-from bench.attacks.common import attacker_model, check_pack, update_signature
+from bench.attacks.common import PackedAttack, attacker_model
 from bench.attacks.fedavg import update_fn
-from bench.attacks.optimize import MATCHING, Schedule, run_packed, stack_inputs, target_gradients, total_variation
+from bench.attacks.optimize import (
+    MATCHING,
+    Schedule,
+    box_projection,
+    initial_images,
+    run_packed,
+    stack_inputs,
+    target_gradients,
+    total_variation,
+)
 from bench.attacks.registry import ATTACKS
 from bench.core import Attack, Observation, ParamError, Reconstruction
 
 
-class InvertingGradients(Attack):
-    packable = True
+class InvertingGradients(PackedAttack):
+    name = "inverting_gradients"
 
     def __init__(self, *, iterations: int, restarts: int, lr: float, tv_weight: float, init: str, signed: bool):
         self.iterations = iterations
@@ -30,18 +39,9 @@ class InvertingGradients(Attack):
         self.init = init
         self.signed = signed
 
-    def pack_signature(self, observation: Observation) -> tuple:
-        return update_signature(observation)
-
-    def reconstruct(self, observation, model, *, labels, generator, deadline=None, progress=None):
-        return self.reconstruct_many([observation], model, labels=[labels], generators=[generator],
-                                     deadline=deadline, progress=progress)[0]
-
     def reconstruct_many(self, observations: Sequence[Observation], model, *, labels, generators, deadline=None,
                          progress=None) -> list[Reconstruction]:
-        if any(y is None for y in labels):
-            raise ValueError("inverting_gradients needs labels from a label strategy")
-        check_pack(self, observations)
+        self.check(observations, labels)
         first = observations[0]
         device = next(model.parameters()).device
         attacker = attacker_model(model, first, device)
@@ -59,13 +59,9 @@ class InvertingGradients(Attack):
             matching = distance(candidate(x, given["y"]), tuple(given[f"t{i}"] for i in range(layers)))
             return matching + tv_weight * total_variation(x), matching
 
-        shape = (self.restarts, first.batch_size, *first.input_shape)
-        x0 = torch.cat([self._initial(shape, o, g) for o, g in zip(observations, generators)]).to(device)
-        lo, hi = first.normalization.box(x0)
-
-        def project(state):
-            state["x"].copy_(torch.maximum(torch.minimum(state["x"], hi), lo))
-
+        x0 = torch.cat([initial_images(o, restarts=self.restarts, init=self.init, generator=g, device=device)
+                        for o, g in zip(observations, generators)])
+        project = box_projection(first, x0)
         project({"x": x0})
         results = run_packed(
             objective, {"x": x0}, groups=len(observations), inputs=inputs,
@@ -83,11 +79,6 @@ class InvertingGradients(Attack):
             )
             for o, y, r in zip(observations, labels, results)
         ]
-
-    def _initial(self, shape: tuple, observation: Observation, generator: torch.Generator) -> torch.Tensor:
-        if self.init == "randn":
-            return torch.randn(shape, generator=generator)
-        return observation.normalization.normalize(torch.rand(shape, generator=generator))
 
 
 @ATTACKS.register("inverting_gradients", version="1")
