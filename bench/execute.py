@@ -17,10 +17,13 @@ the numbers the cells give alone, up to floating-point order.
 How many reconstructions go into one batched call: at most ``max_pack``, and at most what
 fits in the free memory, measured with a two-iteration probe of one reconstruction: on a
 GPU the allocator's peak, on a Linux CPU the process's peak resident memory (``/proc``);
-where memory cannot be measured, ``max_pack`` alone. On out-of-memory (a GPU's, or a CPU
-allocation that fails) the call is split in halves and retried, down to one
-reconstruction (then the rows say ``oom``); every row records its pack size, the limit
-and the splits (``results.execution_json``), so no fallback is silent.
+where memory cannot be measured, ``max_pack`` alone. For attacks of at least
+``TIMING_MIN_ITERATIONS`` iterations the size is then the fastest per reconstruction up
+to that limit, timed over a few iterations (packing is not always faster: see
+``Worker._fastest``). On out-of-memory (a GPU's, or a CPU allocation that fails) the call
+is split in halves and retried, down to one reconstruction (then the rows say ``oom``);
+every row records its pack size, the limit, where it came from and the splits
+(``results.execution_json``), so no fallback is silent.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from victims import build_victim
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PACK = 8
+#: attacks of fewer iterations run packs of the memory limit untimed: a timing probe would cost more than it saves
+TIMING_MIN_ITERATIONS = 100
 MEMORY_HEADROOM = 0.7  # share of the free memory (GPU, or the CPU's available RAM) a pack may plan to use
 
 # Linux interfaces of the CPU memory measurement (module constants: tests point them elsewhere)
@@ -348,8 +353,31 @@ class Worker:
         what the free memory allows (GPU, or CPU on Linux); probed once per (attack, observation shape)."""
         key = (spec.key, attack.pack_signature(sample.observation))
         if key not in self._limits:
-            self._limits[key] = self._measured_limit(spec, sample)
+            limit, source = self._measured_limit(spec, sample)
+            self._limits[key] = self._fastest(spec, sample, limit, source)
         return self._limits[key]
+
+    def _fastest(self, spec: AttackSpec, sample: _Prepared, limit: int, source: str) -> tuple[int, str]:
+        """The pack size up to ``limit`` (``limit``, its halves, ..., 1) with the least time per reconstruction
+        and iteration, timed over three iterations of each (the first, with its set-up, not counted).
+
+        Packing is not always faster: on a CPU, where vmapped per-candidate weight gradients become
+        grouped convolutions, large packs of BatchNorm or wide victims ran slower than one by one
+        (tests/perf/test_throughput.py). Short attacks (< ``TIMING_MIN_ITERATIONS``) are not timed."""
+        entry = components.registries()["attack"].get(spec.name)
+        iterations = {**entry.defaults(), **spec.kwargs()}.get("iterations")
+        if limit == 1 or not isinstance(iterations, int) or iterations < TIMING_MIN_ITERATIONS:
+            return limit, source
+        sizes = sorted({limit >> i for i in range(limit.bit_length()) if limit >> i >= 1})
+        try:
+            per = {k: _iteration_seconds(spec, sample, k, self.device) / k for k in sizes}
+        except Exception as err:
+            memory.release(self.device)
+            return limit, f"{source}; not timed ({type(err).__name__}: {memory.first_line(err)})"
+        best = min(per, key=per.get)
+        timed = ", ".join(f"{k}: {per[k] * 1e3:.3g}" for k in sizes)
+        log.info("%s: ms per reconstruction-iteration by pack size: %s; packs of %d", spec.name, timed, best)
+        return best, f"{source}; fastest by timing (ms per reconstruction-iteration, by pack size: {timed})"
 
     def _measured_limit(self, spec: AttackSpec, sample: _Prepared) -> tuple[int, str]:
         try:
@@ -391,16 +419,34 @@ def _probe_memory(spec: AttackSpec, sample: _Prepared, device: torch.device) -> 
     return memory.peak_bytes(_probe_run(spec, sample), device)
 
 
-def _probe_run(spec: AttackSpec, sample: _Prepared) -> Callable[[], object]:
-    """The probe: ``spec``'s attack with two iterations, ready to reconstruct ``sample`` once."""
+def _iteration_seconds(spec: AttackSpec, sample: _Prepared, copies: int, device: torch.device) -> float:
+    """Seconds per iteration of a pack of ``copies`` reconstructions of ``sample``: iterations 2 and 3
+    of a three-iteration run (the first carries the call's set-up)."""
+    stamps: dict[int, float] = {}
+
+    def tick(done: int, total: int) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps[done] = time.perf_counter()
+
+    _probe_run(spec, sample, copies=copies, iterations=3, progress=tick)()
+    if not {1, 3} <= stamps.keys():
+        raise RuntimeError(f"{spec.name} did not report its iterations")
+    return (stamps[3] - stamps[1]) / 2
+
+
+def _probe_run(spec: AttackSpec, sample: _Prepared, *, copies: int = 1, iterations: int = 2,
+               progress: Callable[[int, int], None] | None = None) -> Callable[[], object]:
+    """The probe: ``spec``'s attack cut to ``iterations``, ready to reconstruct ``copies`` of ``sample`` as one pack."""
     reg = components.registries()
     params = spec.kwargs()
     if "iterations" in reg["attack"].get(spec.name).parameters():
-        params = {**params, "iterations": 2}
+        params = {**params, "iterations": iterations}
     probe = reg["attack"].build(spec.name, **params)
     labels = sample.batch.labels if probe.uses_labels else None
-    return lambda: probe.reconstruct_many([sample.observation], sample.client_model, labels=[labels],
-                                          generators=[generator(0)])
+    return lambda: probe.reconstruct_many([sample.observation] * copies, sample.client_model,
+                                          labels=[labels] * copies, generators=[generator(i) for i in range(copies)],
+                                          progress=progress)
 
 
 def _model_fingerprint(model: torch.nn.Module) -> tuple:

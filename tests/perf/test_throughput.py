@@ -9,6 +9,7 @@ session, so their ratio means something on a noisy machine.
     make bench                                     # the CPU subset
     LEAKBENCH_BENCH_FULL=1 make bench              # the whole table (meant for a GPU)
     LEAKBENCH_BENCH_JSON=out.json make bench       # also write the table as JSON
+    LEAKBENCH_BENCH_ITERATIONS=5 ...               # fewer iterations per timed round (big CPU cases)
 
 Each benchmark records iterations per second, reconstructions per hour (at the suite's
 4 800 iterations), peak GPU memory per reconstruction and, on a GPU, the share of the
@@ -35,15 +36,20 @@ from victims import build_victim
 FULL = os.environ.get("LEAKBENCH_BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CELLS = int(os.environ.get("LEAKBENCH_BENCH_CELLS", "8"))
-ITERATIONS = 50 if DEVICE.type == "cuda" else 10
+ITERATIONS = int(os.environ.get("LEAKBENCH_BENCH_ITERATIONS", 50 if DEVICE.type == "cuda" else 10))
 SUITE_ITERATIONS = 4800
 #: dense fp32 peak (non-tensor-core) FLOP/s by device name fragment; TF32 tensor cores are ~7x more
 FP32_PEAK = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L40": 90.5e12, "A10": 31.2e12, "V100": 15.7e12}
 
 VICTIMS = [("lenet", 32), ("convnet", 32), ("resnet18", 32), ("resnet18", 224)]
-CASES = [(v, side, b, r) for v, side in VICTIMS for b in (1, 8) for r in (1, 8, 32)]
+CASES = [("inverting_gradients", v, side, b, r) for v, side in VICTIMS for b in (1, 8) for r in (1, 8, 32)]
+CASES.append(("gradinversion", "convnet", 32, 1, 4))  # the other packable attack, at its default restarts
+#: fixed settings per attack (no client BatchNorm statistics are granted here)
+SETTINGS = {"gradinversion": {"bn_prior": "none"}}
 # On a CPU only the small cases, unless asked for everything.
-CPU_CASES = {("lenet", 32, 1, 1), ("lenet", 32, 1, 8), ("convnet", 32, 1, 1), ("convnet", 32, 8, 1)}
+CPU_CASES = {("inverting_gradients", "lenet", 32, 1, 1), ("inverting_gradients", "lenet", 32, 1, 8),
+             ("inverting_gradients", "convnet", 32, 1, 1), ("inverting_gradients", "convnet", 32, 8, 1),
+             ("gradinversion", "convnet", 32, 1, 4)}
 RESULTS: dict[tuple, dict[str, dict]] = {}
 
 
@@ -68,10 +74,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _flops_per_iteration(problem, restarts: int) -> float:
+def _flops_per_iteration(problem, name: str, restarts: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    attack = ATTACKS.build("inverting_gradients", iterations=1, restarts=restarts)
+    attack = ATTACKS.build(name, iterations=1, restarts=restarts, **SETTINGS.get(name, {}))
     counter = FlopCounterMode(display=False)
     with counter:
         attack.reconstruct_many([o for o, _, _ in problem], problem[0][1], labels=[y for _, _, y in problem],
@@ -79,16 +85,16 @@ def _flops_per_iteration(problem, restarts: int) -> float:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("victim,side,batch_size,restarts", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("name,victim,side,batch_size,restarts", CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("mode", ["sequential", "packed"])
-def test_packed_vs_sequential(benchmark, victim, side, batch_size, restarts, mode):
-    case = (victim, side, batch_size, restarts)
+def test_packed_vs_sequential(benchmark, name, victim, side, batch_size, restarts, mode):
+    case = (name, victim, side, batch_size, restarts)
     if not FULL and DEVICE.type == "cpu" and case not in CPU_CASES:
         pytest.skip("a GPU-sized case; LEAKBENCH_BENCH_FULL=1 runs it on a CPU too")
     problem = cells(victim, side, batch_size)
     model = problem[0][1]
-    packed_attack = ATTACKS.build("inverting_gradients", iterations=ITERATIONS, restarts=restarts)
-    single_attack = ATTACKS.build("inverting_gradients", iterations=ITERATIONS, restarts=1)
+    packed_attack = ATTACKS.build(name, iterations=ITERATIONS, restarts=restarts, **SETTINGS.get(name, {}))
+    single_attack = ATTACKS.build(name, iterations=ITERATIONS, restarts=1, **SETTINGS.get(name, {}))
 
     def packed():
         packed_attack.reconstruct_many([o for o, _, _ in problem], model, labels=[y for _, _, y in problem],
@@ -105,7 +111,7 @@ def test_packed_vs_sequential(benchmark, victim, side, batch_size, restarts, mod
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    benchmark.group = f"{victim} {side}px B={batch_size} R={restarts} K={CELLS}"
+    benchmark.group = f"{name} {victim} {side}px B={batch_size} R={restarts} K={CELLS}"
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     seconds = benchmark.stats.stats.min  # the least disturbed round: shared machines are noisy
     reconstructions = CELLS * restarts
@@ -119,7 +125,7 @@ def test_packed_vs_sequential(benchmark, victim, side, batch_size, restarts, mod
         in_flight = reconstructions if mode == "packed" else 1
         info["peak_mib_per_reconstruction"] = (torch.cuda.max_memory_allocated() - base) / 2**20 / in_flight
         if mode == "packed":
-            flops = _flops_per_iteration(problem, restarts)
+            flops = _flops_per_iteration(problem, name, restarts)
             peak = next((v for k, v in FP32_PEAK.items() if k in torch.cuda.get_device_name()), None)
             info["flops_per_iteration"] = flops
             if peak:
@@ -138,8 +144,8 @@ def _write_json() -> None:
     path = os.environ.get("LEAKBENCH_BENCH_JSON")
     if not path:
         return
-    table = [{"victim": v, "side": s, "batch_size": b, "restarts": r, "cells": CELLS, "iterations": ITERATIONS, **modes}
-             for (v, s, b, r), modes in RESULTS.items()]
+    table = [{"attack": a, "victim": v, "side": s, "batch_size": b, "restarts": r, "cells": CELLS,
+              "iterations": ITERATIONS, **modes} for (a, v, s, b, r), modes in RESULTS.items()]
     with open(path, "w") as handle:
         json.dump({"written": time.strftime("%Y-%m-%dT%H:%M:%S"), "table": table}, handle, indent=1)
 

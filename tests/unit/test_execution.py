@@ -204,6 +204,53 @@ def test_cpu_pack_limit_is_what_the_measured_available_memory_holds(tiny_suite_f
                                                             "measured CPU memory (a 0.5 share)")
 
 
+def test_the_pack_size_is_the_fastest_by_timing_for_long_attacks(tiny_suite_file, monkeypatch):
+    """Up to the memory limit, the pack size with the least time per reconstruction and iteration wins:
+    packing can be slower (measured on this CPU for ResNet-18); short attacks are not timed."""
+    import bench.execute as execute
+    from bench.execute import TIMING_MIN_ITERATIONS, Worker, _Prepared
+
+    suite = load_suite(tiny_suite_file(images=2, iterations=TIMING_MIN_ITERATIONS))
+    spec = suite.cells[0].attacks[0]
+    sample = _Prepared(cell=suite.cells[0], batch=None)
+    monkeypatch.setattr(execute, "_probe_memory", lambda spec, sample, device: 2**20)
+    seconds = {1: 1.0, 2: 1.5, 4: 2.4, 8: 6.4}  # per pack: 4 is the fastest per reconstruction (0.6 s)
+    timed = []
+    monkeypatch.setattr(execute, "_iteration_seconds",
+                        lambda spec, sample, copies, device: timed.append(copies) or seconds[copies])
+    worker = Worker(suite, device=torch.device("cpu"), max_pack=8)
+    limit, source = worker._pack_limit(spec, Packable(), sample)
+    assert limit == 4 and sorted(timed) == [1, 2, 4, 8]
+    assert source.startswith("measured CPU memory; fastest by timing") and "4: 600" in source
+    assert worker._pack_limit(spec, Packable(), sample) == (limit, source) and len(timed) == 4  # cached
+
+    seconds.update({2: 2.5, 4: 5.0, 8: 10.0})  # packing slower than one by one: packs of one
+    worker._limits.clear()
+    assert worker._pack_limit(spec, Packable(), sample)[0] == 1
+
+    def broken(spec, sample, copies, device):
+        raise RuntimeError("no clock")
+
+    monkeypatch.setattr(execute, "_iteration_seconds", broken)
+    worker._limits.clear()
+    assert worker._pack_limit(spec, Packable(), sample) == (
+        8, "measured CPU memory; not timed (RuntimeError: no clock)")
+
+    short = load_suite(tiny_suite_file(images=2, iterations=TIMING_MIN_ITERATIONS - 1))
+    worker = Worker(short, device=torch.device("cpu"), max_pack=8)
+    assert worker._pack_limit(short.cells[0].attacks[0], Packable(), sample) == (8, "measured CPU memory")
+
+
+def test_iteration_seconds_times_a_real_pack(tiny_suite_file):
+    from bench.execute import Worker, _iteration_seconds
+
+    suite = load_suite(tiny_suite_file(images=1))
+    worker = Worker(suite, device=torch.device("cpu"), max_pack=4)
+    sample, _ = worker._prepare(suite.cells[0], SilentProgress())
+    one = _iteration_seconds(suite.cells[0].attacks[0], sample, 1, worker.device)
+    assert 0 < one < 5
+
+
 @pytest.mark.parametrize("missing", ["_CLEAR_REFS", "_PROC_STATUS", "_MEMINFO"])
 def test_cpu_memory_not_measurable_falls_back_to_max_pack(tiny_suite_file, monkeypatch, tmp_path, missing):
     """No /proc (macOS), or a /proc file not there or not writable (a locked-down container): packs of
