@@ -217,7 +217,7 @@ def load_or_train(
     _check_data(test_set, num_classes=num_classes, in_channels=in_channels, side=side, role="test")
     identity = _key_identity(name, params, recipe=recipe, num_classes=num_classes, in_channels=in_channels, side=side)
     key = short_hash(identity, length=24)
-    files = _Files(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
+    files = CheckpointFiles(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
     device = torch.device(device)
 
     model = build_victim(name, params, num_classes=num_classes, in_channels=in_channels, side=side,
@@ -268,7 +268,10 @@ def evaluate(model: nn.Module, data: LabelledImages, *, device: str | torch.devi
 
 
 @dataclass(frozen=True)
-class _Files:
+class CheckpointFiles:
+    """The files of one cached training, by key: ``<key>.pt`` (weights), ``<key>.json`` (sidecar) and
+    ``<key>.partial.pt`` (the resumable state while it trains). Victims and generators share this layout."""
+
     directory: Path
     key: str
 
@@ -322,7 +325,7 @@ def _augment(images: torch.Tensor, kind: str, generator: torch.Generator) -> tor
     return images
 
 
-def _train(model: nn.Module, *, recipe: Recipe, train_set: LabelledImages, files: _Files, key: str,
+def _train(model: nn.Module, *, recipe: Recipe, train_set: LabelledImages, files: CheckpointFiles, key: str,
            device: torch.device, progress: Callable[[int, int], None] | None) -> tuple[list[dict], int]:
     model.to(device)
     optimizer = _optimizer(recipe, model.parameters())
@@ -370,7 +373,7 @@ def _train(model: nn.Module, *, recipe: Recipe, train_set: LabelledImages, files
     return history, recipe.epochs - start
 
 
-def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, files: _Files) -> tuple[int, list[dict]]:
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, files: CheckpointFiles) -> tuple[int, list[dict]]:
     """The epoch to start from and the history so far, from a partial checkpoint when a usable one exists."""
     if not files.partial.exists():
         return 0, []
@@ -385,7 +388,7 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, files: _Files) -
         return 0, []
 
 
-def _save_checkpoint(model: nn.Module, files: _Files, *, identity: dict, history: list[dict]) -> dict:
+def _save_checkpoint(model: nn.Module, files: CheckpointFiles, *, identity: dict, history: list[dict]) -> dict:
     atomic_save(cpu_state(model), files.weights)
     meta = {
         "format": TRAINING_FORMAT,
@@ -404,7 +407,7 @@ def _save_checkpoint(model: nn.Module, files: _Files, *, identity: dict, history
     return meta
 
 
-def _load_checkpoint(model: nn.Module, files: _Files) -> dict | None:
+def _load_checkpoint(model: nn.Module, files: CheckpointFiles) -> dict | None:
     """The sidecar of a verified checkpoint, loaded into ``model``; ``None`` (after a warning if broken) otherwise."""
     if not files.weights.exists() and not files.meta.exists():
         return None

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from bench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
 from torch import nn
+
+from bench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
+from victims.training import CheckpointFiles
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +44,10 @@ def default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class CacheEntry:
-    """The files of one cache key: ``<key>.pt`` (weights), ``<key>.json`` (sidecar), ``<key>.partial.pt``."""
+class CacheEntry(CheckpointFiles):
+    """The files of one cache key (``CheckpointFiles``), and the format its sidecar must state."""
 
-    directory: Path
-    key: str
     format: int
-
-    @property
-    def weights(self) -> Path:
-        return self.directory / f"{self.key}.pt"
-
-    @property
-    def meta(self) -> Path:
-        return self.directory / f"{self.key}.json"
-
-    @property
-    def partial(self) -> Path:
-        return self.directory / f"{self.key}.partial.pt"
 
     def load(self, module: nn.Module) -> dict | None:
         """The sidecar of a verified file, its weights loaded into ``module``; ``None`` when absent or broken."""
