@@ -261,7 +261,8 @@ def _execution_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray)")
     group.add_argument("--pack-size", type=int, default=DEFAULT_MAX_PACK,
                        help=f"cells per pack and reconstructions per batched attack call (default {DEFAULT_MAX_PACK}; "
-                            "1 runs every reconstruction alone); also capped by the measured free memory (GPU, or Linux CPU)")
+                            "1 runs every reconstruction alone); also capped by the measured free memory (GPU, or "
+                            "Linux CPU) and, for long attacks, the fastest size by timing")
     group.add_argument("--compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
                        help="torch.compile the attack step (reduce-overhead: CUDA graphs on a GPU)")
     group.add_argument("--tf32", action="store_true", help="TensorFloat-32 matmuls/convolutions (Ampere+ GPUs)")

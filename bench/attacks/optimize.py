@@ -114,7 +114,8 @@ class Acceleration:
     def describe(self) -> dict:
         """What differs from the defaults, for a row's execution record (empty when nothing does)."""
         default = Acceleration()
-        return {k: getattr(self, k) for k in ("compile", "tf32", "channels_last") if getattr(self, k) != getattr(default, k)}
+        return {k: getattr(self, k) for k in ("compile", "tf32", "channels_last")
+                if getattr(self, k) != getattr(default, k)}
 
     def apply(self) -> None:
         torch.backends.cuda.matmul.allow_tf32 = self.tf32

@@ -67,7 +67,8 @@ def test_gradinversion_packs_too_and_channels_last_is_recorded(tiny_suite_file, 
         bn_prior = "none"
         """))
     run_suite(suite, out_dir=tmp_path / "alone", device="cpu", max_pack=1)
-    run_suite(suite, out_dir=tmp_path / "packed", device="cpu", max_pack=3, acceleration=Acceleration(channels_last=True))
+    run_suite(suite, out_dir=tmp_path / "packed", device="cpu", max_pack=3,
+              acceleration=Acceleration(channels_last=True))
     alone, packed = rows(tmp_path / "alone"), rows(tmp_path / "packed")
     same_numbers(alone, packed)
     assert {r[3]["pack"] for k, r in packed.items() if k[1].startswith("gradinversion")} == {3}
