@@ -55,13 +55,6 @@ DEFAULT_MAX_PACK = 8
 TIMING_MIN_ITERATIONS = 100
 MEMORY_HEADROOM = 0.7  # share of the free memory (GPU, or the CPU's available RAM) a pack may plan to use
 
-# Linux interfaces of the CPU memory measurement (module constants: tests point them elsewhere)
-_PROC_STATUS = "/proc/self/status"  # VmRSS, VmHWM (peak resident set)
-_CLEAR_REFS = "/proc/self/clear_refs"  # writing "5" resets VmHWM to the current VmRSS
-_MEMINFO = "/proc/meminfo"
-_PROC_CGROUP = "/proc/self/cgroup"
-_CGROUP_ROOT = "/sys/fs/cgroup"
-
 
 class Progress(Protocol):
     """What the runner reports while it works; the CLI draws it, tests may record it."""
