@@ -309,6 +309,7 @@ class Worker:
         return self._event(p, spec, rows, pngs, time.monotonic() - t0, {"pack": 1}, progress)
 
     def _packed(self, spec: AttackSpec, attack, members: list[_Prepared], progress: Progress) -> Iterator[AttackEvent]:
+        progress.task(f"{_describe(members[0].cell, spec)}: sizing the pack (memory and speed probes)")
         limit, how = self._pack_limit(spec, attack, members[0])
         start = 0
         while start < len(members):
