@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray")
 from bench.runner import run_suite  # noqa: E402
 from bench.store import Store, store_path  # noqa: E402
 from bench.suite import load_suite  # noqa: E402
+from runwatch import wait_for_attack_runs  # noqa: E402
 
 ROWS = ("SELECT cell_key, attack_key, image_slot, status, psnr_db, ssim, lpips, matching_loss, label_accuracy, "
         "matched_slot FROM results ORDER BY 1, 2, 3")
@@ -150,18 +151,7 @@ def test_a_killed_ray_driver_resumes_from_the_store(tiny_suite_file, tmp_path, o
     # A session of its own: the driver's local Ray instance goes with it when the test cleans up.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 150
-        done = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            if store_path(out).exists():
-                try:
-                    with sqlite3.connect(store_path(out)) as conn:
-                        done = conn.execute("SELECT COUNT(DISTINCT cell_key || attack_key) FROM results").fetchone()[0]
-                except sqlite3.OperationalError:
-                    done = 0
-                if done >= 2:
-                    break
-            time.sleep(0.2)
+        wait_for_attack_runs(proc, out, 2, timeout_s=150)
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -7,10 +7,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from runwatch import wait_for_attack_runs
 
 from bench.cli import main
 from bench.runner import run_suite
@@ -57,17 +57,7 @@ def test_crash_mid_run_resumes_without_duplicates_or_losses(tiny_suite_file, tmp
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
                              "--pack-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if store_path(out).exists():
-                try:
-                    with sqlite3.connect(store_path(out)) as conn:
-                        n = conn.execute("SELECT COUNT(DISTINCT cell_key || attack_key) FROM results").fetchone()[0]
-                except sqlite3.OperationalError:
-                    n = 0
-                if n >= 2:
-                    break
-            time.sleep(0.2)
+        wait_for_attack_runs(proc, out, 2, timeout_s=120)
         assert proc.poll() is None, "the run finished before it could be killed; raise the budget"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
