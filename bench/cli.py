@@ -60,7 +60,7 @@ def _default_out(suite_path: str) -> Path:
 
 
 def _load(path: str, budget: str = "full"):
-    from bench.suite import SuiteError, load_suite
+    from leakbench.suite import SuiteError, load_suite
 
     try:
         return load_suite(path, budget=budget)
@@ -70,7 +70,7 @@ def _load(path: str, budget: str = "full"):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bench.suite import suite_summary
+    from leakbench.suite import suite_summary
 
     suite = _load(args.suite, args.budget)
     if suite is None:
@@ -86,8 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = _load(args.suite, args.budget)
     if suite is None:
         return EXIT_BAD_INPUT
-    from bench.runner import run_suite
-    from bench.store import StoreError
+    from leakbench.runner import run_suite
+    from leakbench.store import StoreError
 
     out = Path(args.out) if args.out else _default_out(args.suite)
     progress = TqdmProgress(enabled=not args.quiet)
@@ -107,8 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report(store: Path, out: Path, *, suite_hash: str | None) -> int:
-    import reports
-    from bench.store import StoreError
+    from leakbench import reports
+    from leakbench.store import StoreError
 
     try:
         results = reports.load_results(store, suite_hash=suite_hash)
@@ -125,7 +125,7 @@ def _report(store: Path, out: Path, *, suite_hash: str | None) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.store import store_path
+    from leakbench.store import store_path
 
     out = Path(args.out)
     return _report(store_path(out), out, suite_hash=args.suite_hash)
@@ -133,8 +133,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Exit 0 when no row's leakage grew beyond the tolerance, 1 when one did, 2 on bad input."""
-    import reports
-    from reports.compare import Tolerance, compare, comparison_markdown
+    from leakbench import reports
+    from leakbench.reports.compare import Tolerance, compare, comparison_markdown
 
     new_store = args.new if args.new is not None else args.base
     if args.new is None and (args.base_hash is None or args.new_hash is None):
@@ -162,7 +162,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _missing_work(suite, store_file: Path) -> int:
     """(cell, attack) pairs of ``suite`` that the store does not hold yet."""
-    from bench.store import Store
+    from leakbench.store import Store
 
     if not store_file.exists():
         return suite.work_items()
@@ -174,7 +174,7 @@ def _missing_work(suite, store_file: Path) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     """Exit 0 when every (victim, defense) passes, 1 when one fails, 2 on bad input."""
     try:
-        from reports.certify import Limits
+        from leakbench.reports.certify import Limits
 
         limits = Limits(max_psnr_db=args.max_psnr, max_leak_rate=args.max_leak_rate, max_ssim=args.max_ssim,
                         min_lpips=args.min_lpips, allow_failures=args.allow_failures)
@@ -184,9 +184,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
     suite = _load(args.suite)
     if suite is None:
         return EXIT_BAD_INPUT
-    import reports
-    from bench.store import StoreError, store_path
-    from reports.certify import certificate_markdown, certify, write_certificate
+    from leakbench import reports
+    from leakbench.store import StoreError, store_path
+    from leakbench.reports.certify import certificate_markdown, certify, write_certificate
 
     out = Path(args.out) if args.out else _default_out(args.suite)
     try:
@@ -197,7 +197,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_BAD_INPUT
         if missing:
-            from bench.runner import run_suite
+            from leakbench.runner import run_suite
 
             print(f"{missing} attack run(s) of suite {suite.name!r} are not in {out}; running them", file=sys.stderr)
             run_suite(suite, out_dir=out, device=args.device, progress=TqdmProgress(enabled=not args.quiet),
@@ -217,13 +217,13 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench import components
+    from leakbench import components
 
     regs = components.listable()
     kinds = [args.kind] if args.kind else sorted(regs)
     for kind in kinds:
         if kind not in regs:
-            from bench.core import did_you_mean
+            from leakbench.core import did_you_mean
 
             print(f"error: unknown kind {kind!r}{did_you_mean(kind, regs)}; kinds: {', '.join(sorted(regs))}",
                   file=sys.stderr)
@@ -241,7 +241,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _execution(args: argparse.Namespace) -> dict:
-    from bench.attacks.optimize import Acceleration
+    from leakbench.attacks.optimize import Acceleration
 
     return {"executor": args.executor, "workers": args.workers, "max_pack": args.pack_size,
             "ray_address": args.address, "acceleration": Acceleration(compile=args.compile, tf32=args.tf32,
@@ -249,8 +249,8 @@ def _execution(args: argparse.Namespace) -> dict:
 
 
 def _execution_options(parser: argparse.ArgumentParser) -> None:
-    from bench.execute import DEFAULT_MAX_PACK
-    from bench.executors import EXECUTORS
+    from leakbench.execute import DEFAULT_MAX_PACK
+    from leakbench.executors import EXECUTORS
 
     group = parser.add_argument_group("execution (results do not depend on these, up to floating-point order)")
     group.add_argument("--executor", default="local", choices=EXECUTORS,

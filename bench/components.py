@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from bench.core import Registry
+from leakbench.core import Registry
 
 
 def registries() -> dict:
-    from bench.attacks import ATTACKS, LABELS
-    from bench.data import DATASETS
-    from bench.fl import PROTOCOLS
-    import_module("bench.flower.recorded")  # registers the "recorded" protocol (a real client's update)
-    from defenses import DEFENSES
-    from victims import CONTEXT_PARAMS, VICTIMS
+    from leakbench.attacks import ATTACKS, LABELS
+    from leakbench.data import DATASETS
+    from leakbench.fl import PROTOCOLS
+    import_module("leakbench.flower.recorded")  # registers the "recorded" protocol (a real client's update)
+    from leakbench.defenses import DEFENSES
+    from leakbench.victims import CONTEXT_PARAMS, VICTIMS
 
     return {
         "dataset": DATASETS,

@@ -1,7 +1,7 @@
 """What a worker does with a pack of cells: the client updates, the battery, the scores.
 
 No store here. The runner (the driver) plans packs (``plan_packs``), hands them to an
-executor (``bench.executors``: in this process, one process per GPU, or Ray), and writes
+executor (``leakbench.executors``: in this process, one process per GPU, or Ray), and writes
 the events a worker yields back into the store, one (cell, attack) at a time; so whatever
 runs the work, the store, resume and crash rules stay the driver's.
 
@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import components, memory, sanity
-from bench.attacks.optimize import Acceleration
-from bench.core import AttackTimeout, Batch, ThreatModelError, derive_seed, generator
-from bench.fl import utility_cost
-from bench.metrics import get_lpips, score
-from bench.store import ResultRow
-from bench.suite import AttackSpec, Cell, Suite
-from victims import build_victim
+from leakbench import components, memory, sanity
+from leakbench.attacks.optimize import Acceleration
+from leakbench.core import AttackTimeout, Batch, ThreatModelError, derive_seed, generator
+from leakbench.fl import utility_cost
+from leakbench.metrics import get_lpips, score
+from leakbench.store import ResultRow
+from leakbench.suite import AttackSpec, Cell, Suite
+from leakbench.victims import build_victim
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class Worker:
         if getattr(self.suite, "utility", None) is None:
             return {}
         try:
-            from bench.utility import cell_utility
+            from leakbench.utility import cell_utility
 
             return cell_utility(self.suite, cell, self.dataset, device=self.device)
         except Exception as err:  # a missing utility number must not cost the cell its attacks
@@ -409,7 +409,7 @@ class _OutOfMemory(RuntimeError):
 
 def _probe_memory(spec: AttackSpec, sample: _Prepared, device: torch.device) -> int:
     """Peak bytes of one reconstruction of ``spec`` over two iterations, above what is in use now
-    (``bench.memory.peak_bytes``); raises ``NotMeasured`` where memory cannot be measured."""
+    (``leakbench.memory.peak_bytes``); raises ``NotMeasured`` where memory cannot be measured."""
     return memory.peak_bytes(_probe_run(spec, sample), device)
 
 
@@ -586,7 +586,7 @@ def server_model(cell: Cell, dataset, *, device: torch.device, progress: Progres
     if recipe is None:
         model = build_victim(cell.victim.name, cell.victim.kwargs(), **context, seed=derive_seed(*cell.victim_seed_parts))
         return model.to(device), {"state": "init", "parameters": sum(p.numel() for p in model.parameters())}
-    from victims.training import load_or_train
+    from leakbench.victims.training import load_or_train
 
     train_set = components.registries()["dataset"].build(recipe.dataset, **recipe.dataset_kwargs())
     progress.task(f"{cell.victim.label()} | training or loading the checkpoint")
@@ -597,7 +597,7 @@ def server_model(cell: Cell, dataset, *, device: torch.device, progress: Progres
 
 def cell_fields(cell: Cell, batch_size: int, defense_info: dict, victim_info: dict | None = None,
                 flags: list[str] | None = None) -> dict:
-    from bench.suite import dumps
+    from leakbench.suite import dumps
 
     return {
         "victim_info_json": dumps(victim_info or {}),

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.core import Batch, Defense, Observation, ParamError, Registry, ThreatModel
+from leakbench.core import Batch, Defense, Observation, ParamError, Registry, ThreatModel
 
 PROTOCOLS: Registry["Protocol"] = Registry("protocol")
 

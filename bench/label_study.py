@@ -18,12 +18,12 @@ and flipped horizontally at random (photos has 5 per class), so large batches re
 photos: label strategies read the classifier's update, whose per-class terms do not
 care whether two images are copies. Every draw comes from generators seeded from the
 study's seed and the grid point. The strategies see the FedSGD observation only, as in a
-suite; label accuracy is the multiset overlap of ``bench.metrics``.
+suite; label accuracy is the multiset overlap of ``leakbench.metrics``.
 
-It lives in ``bench`` rather than ``bench.attacks`` because it builds data, victims and
+It lives in ``bench`` rather than ``leakbench.attacks`` because it builds data, victims and
 client updates, which attacks must not import. Usage::
 
-    python -m bench.label_study --batch-sizes 1,8,32,128 --trials 3 [--trained] [--out study.json]
+    python -m leakbench.label_study --batch-sizes 1,8,32,128 --trials 3 [--trained] [--out study.json]
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench.attacks import LABELS
-from bench.core import Batch, ThreatModel, derive_seed, generator
-from bench.data import DATASETS
-from bench.fl import PROTOCOLS
-from bench.metrics.image import label_accuracy
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.attacks import LABELS
+from leakbench.core import Batch, ThreatModel, derive_seed, generator
+from leakbench.data import DATASETS
+from leakbench.fl import PROTOCOLS
+from leakbench.metrics.image import label_accuracy
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _server_model(victim: str, *, trained: bool, dataset, epochs: int, seed: int
     if not trained:
         return build_victim(victim, {}, num_classes=dataset.num_classes, in_channels=dataset.channels,
                             side=dataset.side, seed=derive_seed(seed, "label-study", victim)).to(device)
-    from victims.training import Recipe, load_or_train
+    from leakbench.victims.training import Recipe, load_or_train
 
     recipe = Recipe(dataset="photos", dataset_params={"split": "public", "side": dataset.side}, epochs=epochs,
                     dataset_version=DATASETS.get("photos").version)
@@ -201,7 +201,7 @@ def format_table(rows: Sequence[StudyRow]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.label_study", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m leakbench.label_study", description=__doc__.splitlines()[0])
     parser.add_argument("--victims", default="lenet,convnet")
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
     parser.add_argument("--distributions", default=",".join(DISTRIBUTIONS))

@@ -1,5 +1,5 @@
 """The runner, the driver of a run: plans the suite's remaining work as packs
-(``bench.execute``), hands them to an executor (``bench.executors``) and alone writes the
+(``leakbench.execute``), hands them to an executor (``leakbench.executors``) and alone writes the
 store, one (cell, attack) per transaction as results come. Resumable: work already in the
 store is skipped.
 """
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from bench import sanity
-from bench.attacks.optimize import Acceleration
-from bench.execute import DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, plan_packs
-from bench.executors import EXECUTORS, LocalExecutor, ProcessExecutor
-from bench.executors.processes import devices_for
-from bench.store import Store, run_lock, store_path
-from bench.suite import Suite, dumps
+from leakbench import sanity
+from leakbench.attacks.optimize import Acceleration
+from leakbench.execute import DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, plan_packs
+from leakbench.executors import EXECUTORS, LocalExecutor, ProcessExecutor
+from leakbench.executors.processes import devices_for
+from leakbench.store import Store, run_lock, store_path
+from leakbench.suite import Suite, dumps
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def run_suite(
 ) -> RunSummary:
     """Run every (cell, attack) of ``suite`` that the store under ``out_dir`` does not hold yet.
 
-    The work is planned as packs of cells that share a server model (``bench.execute``)
-    and run by ``executor`` (``local``, ``processes`` or ``ray``, see ``bench.executors``);
+    The work is planned as packs of cells that share a server model (``leakbench.execute``)
+    and run by ``executor`` (``local``, ``processes`` or ``ray``, see ``leakbench.executors``);
     only this process writes the store, one (cell, attack) per transaction, as events come.
     ``max_pack`` bounds how many cells a pack holds and how many reconstructions one
     batched attack call advances (1 turns packing off).
@@ -187,7 +187,7 @@ def _executor(name: str, suite: Suite, *, device: torch.device, workers: int | N
                                acceleration=acceleration)
     if name == "ray":
         try:
-            from bench.executors.ray import RayExecutor
+            from leakbench.executors.ray import RayExecutor
         except ImportError as err:
             raise ValueError(f"--executor ray needs Ray: pip install 'leakbench[ray]' ({err})") from None
         return RayExecutor(suite, device=device, max_pack=max_pack, address=ray_address, workers=workers,

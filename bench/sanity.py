@@ -42,7 +42,7 @@ from typing import Iterable
 
 import torch
 
-from bench.core import Observation, Reconstruction
+from leakbench.core import Observation, Reconstruction
 
 NO_LEAK_MARGIN_DB = 1.0
 PIXEL_RANGE_TOLERANCE = 2 / 255

@@ -19,12 +19,12 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from bench.core import ParamError, Registry, ThreatModel, did_you_mean, short_hash
-from bench.core.registry import Entry
+from leakbench.core import ParamError, Registry, ThreatModel, did_you_mean, short_hash
+from leakbench.core.registry import Entry
 
 if typing.TYPE_CHECKING:
-    from bench.utility import UtilitySpec
-    from victims.training import Recipe
+    from leakbench.utility import UtilitySpec
+    from leakbench.victims.training import Recipe
 
 
 class SuiteError(ValueError):
@@ -169,7 +169,7 @@ class Suite:
     hash: str
     budget: str = "full"
     # The [utility] table: a short FL training per (victim, defense, protocol) whose test
-    # accuracy goes into the cells' defense info (bench.utility); None without the table.
+    # accuracy goes into the cells' defense info (leakbench.utility); None without the table.
     utility: UtilitySpec | None = None
 
     def work_items(self) -> int:
@@ -447,8 +447,8 @@ def _smoke(raw: dict) -> dict:
 
 
 def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Suite:
-    # Imported here so that `bench.suite` stays importable without pulling every component.
-    from bench import components
+    # Imported here so that `leakbench.suite` stays importable without pulling every component.
+    from leakbench import components
 
     reg = components.registries()
     c = _Checker()
@@ -488,7 +488,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
 
     utility = None
     if "utility" in raw:  # a short FL training per (victim, defense, protocol): accuracy as utility
-        from bench.utility import parse_utility
+        from leakbench.utility import parse_utility
 
         utility = parse_utility(c, raw["utility"], "utility", reg, dataset=dataset, dataset_spec=dataset_spec,
                                 budget=budget)
@@ -545,8 +545,8 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
         raise SuiteError(source, c.problems)
     assert dataset is not None and dataset_spec is not None
 
-    from bench.data import select_indices
-    from bench.core import derive_seed
+    from leakbench.data import select_indices
+    from leakbench.core import derive_seed
 
     chosen = select_indices(dataset, count=images, seed=derive_seed(seed, "images", dataset_spec.identity()))
     cells: list[Cell] = []
@@ -578,7 +578,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
 def _case_images(c: _Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...] | None:
     """A case's ``images``: the data-set indices its cells attack, in order, instead of the suite's seeded choice.
 
-    For updates whose images are fixed elsewhere (a recorded client's, ``bench.flower``):
+    For updates whose images are fixed elsewhere (a recorded client's, ``leakbench.flower``):
     the runner scores reconstructions against them; no attack ever sees them.
     """
     if "images" not in case:
@@ -648,7 +648,7 @@ def _recipe(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, da
             dataset_spec: ComponentSpec | None) -> Recipe | None:
     """A training recipe. Its data set gets the attacked set's side and must match its classes and channels,
     and differ from it: test accuracy is measured on the attacked images, which training must not see."""
-    from victims.training import RECIPE_REQUIRED, Recipe, recipe_problems
+    from leakbench.victims.training import RECIPE_REQUIRED, Recipe, recipe_problems
 
     before = len(c.problems)
     keys = Recipe.suite_keys()
@@ -697,7 +697,7 @@ def training_set(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], 
 
 def _battery_name(c: _Checker, case: Mapping, cp: str) -> str | None:
     """The case's ``battery`` (a known name) or None; a case needs attacks, a battery, or both (``_attacks``)."""
-    from bench.attacks.battery import battery_names
+    from leakbench.attacks.battery import battery_names
 
     if "battery" not in case:
         return None
@@ -714,7 +714,7 @@ def _battery_attacks(c: _Checker, name: str, path: str, reg: Mapping[str, Regist
     """A battery's attacks for one victim, validated like listed ones; the budget may swap the battery (smoke)."""
     from dataclasses import replace
 
-    from bench.attacks.battery import effective_battery, resolve_battery
+    from leakbench.attacks.battery import effective_battery, resolve_battery
 
     budget = getattr(c, "budget", "full")
     model = None
@@ -735,7 +735,7 @@ def _battery_attacks(c: _Checker, name: str, path: str, reg: Mapping[str, Regist
 def _attacks(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, default_labels: Any,
              labels_path: str | None, threat: ThreatModel) -> tuple[AttackSpec, ...]:
     if not isinstance(raw, list) or not raw:
-        from bench.attacks.battery import battery_names
+        from leakbench.attacks.battery import battery_names
 
         c.add(path, "a case needs at least one [[case.attacks]] table, or a battery "
                     f"(battery = \"standard-v1\"; known: {', '.join(battery_names())})")

@@ -1,6 +1,6 @@
 """A defense's utility as accuracy: a short, fixed, seeded FL training with the defense, then test accuracy.
 
-The cosine between the defended and the undefended update (``bench.fl.utility_cost``) says
+The cosine between the defended and the undefended update (``leakbench.fl.utility_cost``) says
 how far one update moved; this module says what the defense costs the model. For a suite
 with a ``[utility]`` table, every (victim, defense, protocol) of its cells gets:
 
@@ -16,7 +16,7 @@ with a ``[utility]`` table, every (victim, defense, protocol) of its cells gets:
    weight differences (FedAvg) as ``w += Δ`` (the new model is the clients' mean model;
    the clients' local lr is the step size);
 4. top-1 accuracy on the suite's data set, the attacked images (disjoint from the
-   training split, as for trained victims: ``victims.training.evaluate``).
+   training split, as for trained victims: ``leakbench.victims.training.evaluate``).
 
 ``n`` is ``images_per_client`` or, when the table leaves it out, the case's own images per
 client (``batch_size / clients`` of its protocol), so a defense whose strength depends on
@@ -24,7 +24,7 @@ the batch (DP-SGD's noise over the batch) is measured at the batch it defends.
 
 The same training without the defense (defense ``none``, same shards, same order) gives
 ``utility_accuracy_undefended``, so reports can show the drop. Clients train on private
-copies (``bench.fl``), so no BatchNorm running statistics reach the server: with
+copies (``leakbench.fl``), so no BatchNorm running statistics reach the server: with
 ``bn_mode = "train"`` the server recomputes them on the training set before it measures
 accuracy (with ``"eval"`` the clients normalized with the server's statistics, as the
 evaluation does).
@@ -45,10 +45,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from bench.core import Batch, ParamError, ThreatModel, derive_seed, generator, short_hash
+from leakbench.core import Batch, ParamError, ThreatModel, derive_seed, generator, short_hash
 
 if typing.TYPE_CHECKING:
-    from bench.suite import Cell, Suite
+    from leakbench.suite import Cell, Suite
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,13 @@ def utility_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def parse_utility(checker, raw: Any, path: str, reg: Mapping, *, dataset, dataset_spec,
                   budget: str = "full") -> UtilitySpec | None:
-    """Validate a suite's ``[utility]`` table (``bench.suite`` calls this; ``checker`` collects the problems).
+    """Validate a suite's ``[utility]`` table (``leakbench.suite`` calls this; ``checker`` collects the problems).
 
     The training set gets the attacked set's side and must match its classes and channels,
     and differ from it: accuracy is measured on the attacked images. The smoke budget caps
     the rounds at ``SMOKE_ROUNDS``.
     """
-    from bench.suite import _join, training_set
+    from leakbench.suite import _join, training_set
 
     before = len(checker.problems)
     t = checker.table(raw, path, allowed=UTILITY_KEYS)
@@ -199,7 +199,7 @@ def fl_accuracy(
 ) -> dict[str, float | int]:
     """Test accuracy after ``spec.rounds`` FL rounds with ``defense``, and without it (cached per process).
 
-    ``victim`` is built by ``victims.build_victim`` from ``seed``; ``defense`` and
+    ``victim`` is built by ``leakbench.victims.build_victim`` from ``seed``; ``defense`` and
     ``protocol`` are (name, parameters) of their registries, the protocol's as in the
     suite's case (its ``batch_size / clients`` is the default images per client).
     ``seed`` also fixes the shards and the draws of every round, shared by the defended
@@ -257,10 +257,10 @@ def fl_accuracy(
 
 def _train(*, victim, victim_params, defense, protocol, spec: UtilitySpec, train_set, test_set, seed: int,
            device: torch.device, tick: Callable[[], None]) -> TrainingResult:
-    from bench.fl import PROTOCOLS
-    from defenses import DEFENSES
-    from victims import build_victim
-    from victims.training import evaluate
+    from leakbench.fl import PROTOCOLS
+    from leakbench.defenses import DEFENSES
+    from leakbench.victims import build_victim
+    from leakbench.victims.training import evaluate
 
     name, params = protocol
     if name not in TRAINABLE_PROTOCOLS:
@@ -323,7 +323,7 @@ class _Shards:
         self.queues: list[list[int]] = [[] for _ in range(clients)]
 
     def round(self, n: int) -> tuple[int, ...]:
-        """The round's images: client u's n images in slots u·n .. (u+1)·n − 1 (``bench.fl``'s layout)."""
+        """The round's images: client u's n images in slots u·n .. (u+1)·n − 1 (``leakbench.fl``'s layout)."""
         out: list[int] = []
         for u, shard in enumerate(self.shards):
             if len(self.queues[u]) < n:  # a new pass; images left from the last one go first
@@ -405,7 +405,7 @@ def cell_utility(suite: Suite, cell: Cell, dataset, *, device, progress: Progres
 
 
 def _train_set(spec: UtilitySpec):
-    from bench.data import DATASETS
+    from leakbench.data import DATASETS
 
     key = short_hash(spec.train, spec.train_kwargs())
     if key not in _TRAIN_SETS:

@@ -1,7 +1,7 @@
 """The baseline: no defense."""
 
-from bench.core import Defense
-from defenses.registry import DEFENSES
+from leakbench.core import Defense
+from leakbench.defenses.registry import DEFENSES
 
 
 class NoDefense(Defense):

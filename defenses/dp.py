@@ -37,9 +37,9 @@ from opacus.validators import ModuleValidator
 from opacus.validators.errors import IllegalModuleConfigurationError
 from torch import nn
 
-from bench.core import Defense, ParamError
-from defenses.common import generator_on
-from defenses.registry import DEFENSES
+from leakbench.core import Defense, ParamError
+from leakbench.defenses.common import generator_on
+from leakbench.defenses.registry import DEFENSES
 
 log = logging.getLogger(__name__)
 

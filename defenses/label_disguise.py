@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.core import Defense, ParamError
-from defenses.common import gaussian_like
-from defenses.registry import DEFENSES
+from leakbench.core import Defense, ParamError
+from leakbench.defenses.common import gaussian_like
+from leakbench.defenses.registry import DEFENSES
 
 log = logging.getLogger(__name__)
 

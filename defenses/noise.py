@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.core import Defense, ParamError
-from defenses.common import gaussian_like
-from defenses.registry import DEFENSES
+from leakbench.core import Defense, ParamError
+from leakbench.defenses.common import gaussian_like
+from leakbench.defenses.registry import DEFENSES
 
 
 class GaussianNoise(Defense):

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from bench.core import Defense, ParamError
-from defenses.common import uniform_like
-from defenses.registry import DEFENSES
+from leakbench.core import Defense, ParamError
+from leakbench.defenses.common import uniform_like
+from leakbench.defenses.registry import DEFENSES
 
 
 class Quantize(Defense):

@@ -1,5 +1,5 @@
 """The defense registry."""
 
-from bench.core import Defense, Registry
+from leakbench.core import Defense, Registry
 
 DEFENSES: Registry[Defense] = Registry("defense")

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from bench.core import Defense, ParamError
-from defenses.registry import DEFENSES
+from leakbench.core import Defense, ParamError
+from leakbench.defenses.registry import DEFENSES
 
 
 def kept_count(numel: int, fraction: float) -> int:

@@ -4,8 +4,8 @@ This package never imports torch: a report can be rebuilt on any machine from th
 ``leakbench.sqlite`` file of a run. See reports/README.md for what each file shows.
 """
 
-from reports.html import ReportPaths, render_leaderboard_html, render_report, write_reports
-from reports.leaderboard import (
+from leakbench.reports.html import ReportPaths, render_leaderboard_html, render_report, write_reports
+from leakbench.reports.leaderboard import (
     PSNR_CAP_DB,
     ReportError,
     ResultSet,

@@ -25,8 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.store import Store
-from reports.leaderboard import (
+from leakbench.store import Store
+from leakbench.reports.leaderboard import (
     ORACLE_VALUES,
     THREAT_MODEL_DEFAULTS,
     ResultSet,
@@ -298,7 +298,7 @@ def certificate_markdown(certificate: Certificate, *, evidence_paths: dict[tuple
 
 def write_certificate(certificate: Certificate, out_dir: str | Path) -> tuple[Path, Path]:
     """Write certificate.md (evidence PNGs beside it, under certificate/) and a self-contained certificate.html."""
-    from reports.html import _data_uri, environment
+    from leakbench.reports.html import _data_uri, environment
 
     out = Path(out_dir)
     evidence_dir = out / "certificate"

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from reports.leaderboard import (
+from leakbench.reports.leaderboard import (
     ResultSet,
     Threshold,
     _md,

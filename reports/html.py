@@ -20,8 +20,8 @@ import jinja2
 import pandas as pd
 from markupsafe import Markup
 
-from bench.store import Store
-from reports.leaderboard import (
+from leakbench.store import Store
+from leakbench.reports.leaderboard import (
     BOOTSTRAP_RESAMPLES,
     CONFIDENCE_LEVEL,
     GROUP_COLUMNS,
@@ -37,7 +37,7 @@ from reports.leaderboard import (
     per_image_worst,
     to_markdown,
 )
-from reports.plots import report_plots
+from leakbench.reports.plots import report_plots
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def _psnr_descending(record: dict[str, Any]) -> float:
 def _tile(row: dict[str, Any], image: dict[str, Any], *, results: ResultSet, store: Store) -> Tile:
     ok = row["status"] == "ok"
     # The runner stores each reconstruction under the GROUND-TRUTH slot it was matched to
-    # (bench.runner: pngs[reference_index] = recon.images[matched_index]), so the row's own
+    # (leakbench.runner: pngs[reference_index] = recon.images[matched_index]), so the row's own
     # image_slot finds it; matched_slot is the attack's output index, kept for provenance only.
     png = store.image_png(results.suite_hash, row["cell_key"], row["attack_key"], int(row["image_slot"])) if ok else None
     best = (ok and not _missing(image["best_cell_key"]) and row["cell_key"] == image["best_cell_key"]

@@ -24,11 +24,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from bench.store import STORE_FILENAME, Store, StoreError
+from leakbench.store import STORE_FILENAME, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-# Mirrors bench.metrics.image.PSNR_CAP_DB, which cannot be imported here (it pulls in torch).
+# Mirrors leakbench.metrics.image.PSNR_CAP_DB, which cannot be imported here (it pulls in torch).
 PSNR_CAP_DB: float = 100.0
 BOOTSTRAP_SEED: int = 20240611
 BOOTSTRAP_RESAMPLES: int = 2000
@@ -38,7 +38,7 @@ THRESHOLD_METRICS = ("psnr_db", "ssim", "lpips")
 FAILED_STATUSES = ("error", "timeout", "oom")
 STATUSES = ("ok", *FAILED_STATUSES)
 NO_BATTERY = "none (attacks listed in the suite)"
-# The threat model's settings and their defaults (bench.core.ThreatModel); the other values
+# The threat model's settings and their defaults (leakbench.core.ThreatModel); the other values
 # grant the attacker oracle knowledge and are marked in every output.
 THREAT_MODEL_DEFAULTS: dict[str, Any] = {"labels": "recovered", "bn_stats": "none"}
 ORACLE_VALUES: dict[str, str] = {"labels": "known", "bn_stats": "shared"}

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from reports.leaderboard import ResultSet, parse_json
+from leakbench.reports.leaderboard import ResultSet, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _color(index: int) -> str:
 
 
 def _interval(values: np.ndarray) -> tuple[float, float, float]:
-    from reports.leaderboard import bootstrap_mean_interval
+    from leakbench.reports.leaderboard import bootstrap_mean_interval
 
     lo, hi = bootstrap_mean_interval(values)
     return float(values.mean()), lo, hi

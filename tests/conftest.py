@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.core import Batch, Normalization
+from leakbench.core import Batch, Normalization
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -1,6 +1,6 @@
 """Victim architectures, registered by name. See victims/README.md to add one."""
 
-from victims.registry import CONTEXT_PARAMS, VICTIMS, build_victim
-from victims import resnet, small  # noqa: F401  (registration side effects)
+from leakbench.victims.registry import CONTEXT_PARAMS, VICTIMS, build_victim
+from leakbench.victims import resnet, small  # noqa: F401  (registration side effects)
 
 __all__ = ["CONTEXT_PARAMS", "VICTIMS", "build_victim"]

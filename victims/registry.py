@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from bench.core import Registry
+from leakbench.core import Registry
 
 VICTIMS: Registry[nn.Module] = Registry("victim")
 

@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from bench.core import ParamError
-from victims import layers as L
-from victims.layers import check_choice, conv
-from victims.registry import VICTIMS
+from leakbench.core import ParamError
+from leakbench.victims import layers as L
+from leakbench.victims.layers import check_choice, conv
+from leakbench.victims.registry import VICTIMS
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("cifar", "imagenet")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from victims import layers as L
-from victims.layers import conv
-from victims.registry import VICTIMS
+from leakbench.victims import layers as L
+from leakbench.victims.layers import conv
+from leakbench.victims.registry import VICTIMS
 
 
 @VICTIMS.register("lenet", version="1")

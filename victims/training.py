@@ -19,8 +19,8 @@ Why it is built this way:
   resumes from its last finished epoch and ends with the same weights as an
   uninterrupted one: shuffling and augmentation draw from generators seeded per epoch,
   and the learning rate is a function of the step alone.
-- This package imports only ``bench.core``: the caller resolves the recipe's data set
-  (``bench.data``) and passes the images in.
+- This package imports only ``leakbench.core``: the caller resolves the recipe's data set
+  (``leakbench.data``) and passes the images in.
 
 Test accuracy is measured on the data set the caller passes as ``test_set`` (the runner
 passes the suite's attacked images, disjoint from the training split) and stored in the
@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.core import Batch, Normalization, ParamError, derive_seed, short_hash
-from bench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
-from victims.registry import CONTEXT_PARAMS, VICTIMS, build_victim
+from leakbench.core import Batch, Normalization, ParamError, derive_seed, short_hash
+from leakbench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
+from leakbench.victims.registry import CONTEXT_PARAMS, VICTIMS, build_victim
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ RECIPE_REQUIRED = ("dataset", "epochs")
 
 
 class LabelledImages(Protocol):
-    """What training needs of a data set (``bench.data.ImageSet`` provides it)."""
+    """What training needs of a data set (``leakbench.data.ImageSet`` provides it)."""
 
     name: str
     side: int
@@ -77,7 +77,7 @@ class LabelledImages(Protocol):
 class Recipe:
     """How a trained victim is trained. Every field is part of the checkpoint's cache key.
 
-    ``dataset`` and ``dataset_params`` name a registered data set (``bench.data``) that the
+    ``dataset`` and ``dataset_params`` name a registered data set (``leakbench.data``) that the
     caller builds; ``dataset_version`` is its registry version. ``dataset_params`` may be
     given as a mapping; it is stored as sorted (key, value) pairs so the recipe stays
     hashable. The learning rate follows ``schedule`` over all steps; ``augment`` draws

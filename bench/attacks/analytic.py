@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.attacks.common import as_gradient, first_parametric, last_linear, layer_update
-from bench.attacks.registry import ATTACKS
-from bench.core import Attack, Observation, ParamError, Reconstruction
+from leakbench.attacks.common import as_gradient, first_parametric, last_linear, layer_update
+from leakbench.attacks.registry import ATTACKS
+from leakbench.core import Attack, Observation, ParamError, Reconstruction
 
 
 

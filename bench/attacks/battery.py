@@ -43,8 +43,8 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from bench.attacks.analytic import _linear_chain
-from bench.attacks.common import first_parametric
+from leakbench.attacks.analytic import _linear_chain
+from leakbench.attacks.common import first_parametric
 
 #: A victim requirement: the reason an attack cannot run on ``model`` at this batch size, or None.
 Requirement = Callable[..., "str | None"]
@@ -129,7 +129,7 @@ def battery_names() -> list[str]:
 def effective_battery(name: str, *, budget: str = "full") -> str:
     """The battery that runs for ``name`` under ``budget`` (``standard-v1`` under smoke is ``smoke-v1``)."""
     if name not in BATTERIES:
-        from bench.core import did_you_mean
+        from leakbench.core import did_you_mean
 
         raise KeyError(f"unknown battery {name!r}{did_you_mean(name, BATTERIES)}; known: {', '.join(battery_names())}")
     if budget not in BUDGET_SWAPS:

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from bench.core import Attack, Observation, Reconstruction
+from leakbench.core import Attack, Observation, Reconstruction
 
 
 def update_by_name(observation: Observation) -> dict[str, torch.Tensor]:

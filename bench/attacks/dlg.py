@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
-from bench.attacks.common import attacker_model
-from bench.attacks.optimize import (
+from leakbench.attacks.common import attacker_model
+from leakbench.attacks.optimize import (
     LBFGSSchedule,
     State,
     gradient_fn,
@@ -26,8 +26,8 @@ from bench.attacks.optimize import (
     target_gradients,
     to_pixels,
 )
-from bench.attacks.registry import ATTACKS
-from bench.core import Attack, Observation, ParamError, Reconstruction
+from leakbench.attacks.registry import ATTACKS
+from leakbench.core import Attack, Observation, ParamError, Reconstruction
 
 
 class DLG(Attack):

@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench.attacks.optimize import functional_grad, gradient_fn
-from bench.core import Observation
+from leakbench.attacks.optimize import functional_grad, gradient_fn
+from leakbench.core import Observation
 
 CandidateFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 

@@ -44,9 +44,9 @@ from typing import Callable, Literal
 
 import torch
 
-from bench.attacks.common import attacker_model
-from bench.attacks.fedavg import CandidateFn, frozen_training_fn, update_fn
-from bench.attacks.optimize import (
+from leakbench.attacks.common import attacker_model
+from leakbench.attacks.fedavg import CandidateFn, frozen_training_fn, update_fn
+from leakbench.attacks.optimize import (
     LBFGSSchedule,
     State,
     box_penalty,
@@ -59,8 +59,8 @@ from bench.attacks.optimize import (
     to_pixels,
     total_variation,
 )
-from bench.attacks.registry import ATTACKS
-from bench.core import Attack, Observation, ParamError, Reconstruction
+from leakbench.attacks.registry import ATTACKS
+from leakbench.core import Attack, Observation, ParamError, Reconstruction
 
 
 FedAvgForm = Literal["pseudo_gradient", "unrolled"]

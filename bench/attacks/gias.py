@@ -20,7 +20,7 @@ and, in the weight stage, over the per-image generator copies (a leading image d
 on the generator's parameters, ``torch.func.functional_call`` under ``vmap``).
 
 The generator (``prior``) is attacker knowledge: a table naming the generator, the
-public data it was trained on and its training recipe (``bench.generators``). It is
+public data it was trained on and its training recipe (``leakbench.generators``). It is
 trained on first use (with progress), cached on disk, and part of the attack's
 identity, so every row says which prior produced it. Its one-off training is not charged
 to the attack's ``timeout_s``, which bounds the inversion itself.
@@ -40,9 +40,9 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from bench.attacks.common import attacker_model
-from bench.attacks.fedavg import update_fn
-from bench.attacks.optimize import (
+from leakbench.attacks.common import attacker_model
+from leakbench.attacks.fedavg import update_fn
+from leakbench.attacks.optimize import (
     RestartResult,
     Schedule,
     State,
@@ -53,10 +53,10 @@ from bench.attacks.optimize import (
     target_gradients,
     total_variation,
 )
-from bench.attacks.registry import ATTACKS
-from bench.core import Attack, Observation, ParamError, Reconstruction, ThreatModelError
-from bench.generators import PriorSpec, load_or_train_prior, parse_prior
-from bench.generators.tables import Field, read_table
+from leakbench.attacks.registry import ATTACKS
+from leakbench.core import Attack, Observation, ParamError, Reconstruction, ThreatModelError
+from leakbench.generators import PriorSpec, load_or_train_prior, parse_prior
+from leakbench.generators.tables import Field, read_table
 
 Mode = Literal["zw", "z", "w", "wz"]
 

@@ -47,9 +47,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.attacks.common import attacker_model
-from bench.attacks.fedavg import update_fn
-from bench.attacks.gias import (
+from leakbench.attacks.common import attacker_model
+from leakbench.attacks.fedavg import update_fn
+from leakbench.attacks.gias import (
     GIAS,
     LATENT_DEFAULT,
     WEIGHTS_DEFAULT,
@@ -61,13 +61,13 @@ from bench.attacks.gias import (
     check_mode,
     parse_search,
 )
-from bench.attacks.optimize import cosine_distance, total_variation
-from bench.attacks.registry import ATTACKS
-from bench.core import Attack, Normalization, Observation, derive_seed, short_hash
-from bench.generators import CacheEntry, default_cache_dir, fingerprint, parse_prior, prior_images
-from bench.generators.data import check_public
-from bench.generators.prior import frozen_eval, prior_identity
-from bench.generators.tables import REQUIRED, Field, component, frozen, read_table, thawed
+from leakbench.attacks.optimize import cosine_distance, total_variation
+from leakbench.attacks.registry import ATTACKS
+from leakbench.core import Attack, Normalization, Observation, derive_seed, short_hash
+from leakbench.generators import CacheEntry, default_cache_dir, fingerprint, parse_prior, prior_images
+from leakbench.generators.data import check_public
+from leakbench.generators.prior import frozen_eval, prior_identity
+from leakbench.generators.tables import REQUIRED, Field, component, frozen, read_table, thawed
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from bench.attacks.common import PackedAttack, attacker_model, update_signature
-from bench.attacks.optimize import (
+from leakbench.attacks.common import PackedAttack, attacker_model, update_signature
+from leakbench.attacks.optimize import (
     Schedule,
     State,
     bn_prior,
@@ -62,8 +62,8 @@ from bench.attacks.optimize import (
     to_pixels,
     total_variation,
 )
-from bench.attacks.registry import ATTACKS
-from bench.core import Attack, Observation, ParamError, Reconstruction, ThreatModelError
+from leakbench.attacks.registry import ATTACKS
+from leakbench.core import Attack, Observation, ParamError, Reconstruction, ThreatModelError
 
 BNPrior = Literal["shared", "running", "none"]
 

@@ -12,9 +12,9 @@ from typing import Literal, Sequence
 
 import torch
 
-from bench.attacks.common import PackedAttack, attacker_model
-from bench.attacks.fedavg import update_fn
-from bench.attacks.optimize import (
+from leakbench.attacks.common import PackedAttack, attacker_model
+from leakbench.attacks.fedavg import update_fn
+from leakbench.attacks.optimize import (
     MATCHING,
     Schedule,
     box_projection,
@@ -24,8 +24,8 @@ from bench.attacks.optimize import (
     target_gradients,
     total_variation,
 )
-from bench.attacks.registry import ATTACKS
-from bench.core import Attack, Observation, ParamError, Reconstruction
+from leakbench.attacks.registry import ATTACKS
+from leakbench.core import Attack, Observation, ParamError, Reconstruction
 
 
 class InvertingGradients(PackedAttack):

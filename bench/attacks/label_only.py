@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.attacks.registry import ATTACKS
-from bench.core import Attack, Reconstruction
+from leakbench.attacks.registry import ATTACKS
+from leakbench.core import Attack, Reconstruction
 
 
 class LabelOnly(Attack):

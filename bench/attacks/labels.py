@@ -34,9 +34,9 @@ import math
 import torch
 from torch import nn
 
-from bench.attacks.common import as_gradient, as_mean_gradient, attacker_model, last_linear, layer_update
-from bench.attacks.registry import LABELS
-from bench.core import LabelStrategy, Observation, ParamError, ThreatModelError
+from leakbench.attacks.common import as_gradient, as_mean_gradient, attacker_model, last_linear, layer_update
+from leakbench.attacks.registry import LABELS
+from leakbench.core import LabelStrategy, Observation, ParamError, ThreatModelError
 
 
 # --------------------------------------------------------------------------- what the strategies read

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from bench.attacks.common import as_gradient
-from bench.core import AttackTimeout, Observation
+from leakbench.attacks.common import as_gradient
+from leakbench.core import AttackTimeout, Observation
 
 State = dict[str, torch.Tensor]
 # objective(state of one restart) -> (total loss, matching loss); both scalars
@@ -483,7 +483,7 @@ def to_pixels(x: torch.Tensor, observation: Observation) -> tuple[torch.Tensor, 
 def bn_statistics_fn(attacker: nn.Module, observation: Observation) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """Like ``gradient_fn``, but also returns each BatchNorm layer's input batch mean and
     (biased) variance, in ``model.modules()`` order: the statistics a client shares under
-    ``bn_stats = "shared"`` (see ``bench.fl``), differentiable with respect to the candidates.
+    ``bn_stats = "shared"`` (see ``leakbench.fl``), differentiable with respect to the candidates.
 
     The statistics come from the same forward pass as the gradient (``has_aux``), so the
     prior costs no second forward pass.

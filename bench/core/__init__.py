@@ -1,9 +1,9 @@
 """The engine's core: registry, frozen types, seeding. Imports nothing of the project."""
 
-from bench.core.interfaces import Attack, AttackTimeout, Defense, LabelStrategy, ParamError, ThreatModelError
-from bench.core.registry import Entry, Registry, RegistryError, close_matches, did_you_mean
-from bench.core.seeding import derive_seed, generator, short_hash
-from bench.core.types import Batch, BNMode, Normalization, Observation, Reconstruction, ThreatModel
+from leakbench.core.interfaces import Attack, AttackTimeout, Defense, LabelStrategy, ParamError, ThreatModelError
+from leakbench.core.registry import Entry, Registry, RegistryError, close_matches, did_you_mean
+from leakbench.core.seeding import derive_seed, generator, short_hash
+from leakbench.core.types import Batch, BNMode, Normalization, Observation, Reconstruction, ThreatModel
 
 __all__ = [
     "Attack",

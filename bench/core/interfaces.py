@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from bench.core.types import Observation, Reconstruction
+from leakbench.core.types import Observation, Reconstruction
 
 
 class ParamError(ValueError):

@@ -5,11 +5,11 @@ the built-in ones: ``photos`` (the embedded default, offline), ``imagefolder``,
 ``cifar10``, ``cifar100`` and ``mnist``. See README.md in this folder.
 """
 
-from bench.data.base import DATASETS, ImageSet, TensorImageSet, select_indices
+from leakbench.data.base import DATASETS, ImageSet, TensorImageSet, select_indices
 
 # Importing the modules registers their factories with DATASETS.
-from bench.data import folders as _folders  # noqa: E402,F401
-from bench.data import photos as _photos  # noqa: E402,F401
-from bench.data import standard as _standard  # noqa: E402,F401
+from leakbench.data import folders as _folders  # noqa: E402,F401
+from leakbench.data import photos as _photos  # noqa: E402,F401
+from leakbench.data import standard as _standard  # noqa: E402,F401
 
 __all__ = ["DATASETS", "ImageSet", "TensorImageSet", "select_indices"]

@@ -2,7 +2,7 @@
 
 An :class:`ImageSet` is a finite, indexable set of labelled images at one fixed side
 length. Images leave it as float32 tensors in [0, 1] (the metrics compare in that space)
-together with the :class:`~bench.core.types.Normalization` the victim applies, so no
+together with the :class:`~leakbench.core.types.Normalization` the victim applies, so no
 caller ever has to guess which statistics a model was fed.
 
 Every set is built through :data:`DATASETS`, so a suite names a data set and its
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.core.registry import Registry
-from bench.core.types import Batch, Normalization
+from leakbench.core.registry import Registry
+from leakbench.core.types import Batch, Normalization
 
 logger = logging.getLogger(__name__)
 
-#: Resampling filter for every resize in ``bench.data``. PIL widens the filter's support
+#: Resampling filter for every resize in ``leakbench.data``. PIL widens the filter's support
 #: by the scale factor when it shrinks an image, so downsampling is antialiased.
 RESAMPLE = Image.Resampling.BICUBIC
 RESAMPLE_NAME = "PIL bicubic (antialiased)"

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bench.core.types import Normalization
-from bench.data.base import (
+from leakbench.core.types import Normalization
+from leakbench.data.base import (
     DATASETS,
     RESAMPLE_NAME,
     ImageSet,

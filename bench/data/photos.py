@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.core.types import Normalization
-from bench.data.base import (
+from leakbench.core.types import Normalization
+from leakbench.data.base import (
     DATASETS,
     RESAMPLE_NAME,
     ImageSet,
@@ -123,7 +123,7 @@ CROPS: dict[str, tuple[Crop, ...]] = {"attack": ATTACK_CROPS, "public": PUBLIC_C
 
 #: Per-channel statistics of the attack split at 32 px over all its pixels (population
 #: std), rounded to 4 decimals. Recompute with
-#: ``bench.data.photos.compute_normalization(split="attack", side=32)``;
+#: ``leakbench.data.photos.compute_normalization(split="attack", side=32)``;
 #: ``tests/unit/test_data.py`` checks that the two agree.
 PHOTOS_NORMALIZATION = Normalization(
     mean=(0.5084, 0.3517, 0.3054),

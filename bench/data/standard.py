@@ -19,8 +19,8 @@ from urllib.error import URLError
 import torch
 from PIL import Image
 
-from bench.core.types import Normalization
-from bench.data.base import DATASETS, RESAMPLE_NAME, ImageSet, check_side, check_split, resize_square, to_uint8_tensor
+from leakbench.core.types import Normalization
+from leakbench.data.base import DATASETS, RESAMPLE_NAME, ImageSet, check_side, check_split, resize_square, to_uint8_tensor
 
 logger = logging.getLogger(__name__)
 

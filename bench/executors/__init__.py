@@ -1,13 +1,13 @@
-"""Executors: who runs the packs of a suite. The driver (``bench.runner``) alone writes the store.
+"""Executors: who runs the packs of a suite. The driver (``leakbench.runner``) alone writes the store.
 
 - ``local`` (default): packs one after the other in this process.
 - ``processes``: one worker process per device (``--workers N``; each GPU of the machine,
   or N CPU workers sharing the cores), fed packs through a queue. A worker that dies loses
   only the pack in hand, which is handed out again (at most ``max_retries`` times,
   recorded in the rows' ``execution_json`` and the log).
-- ``ray``: packs as Ray tasks on a Ray cluster (``bench.executors.ray``; optional extra).
+- ``ray``: packs as Ray tasks on a Ray cluster (``leakbench.executors.ray``; optional extra).
 
-Every executor yields the worker's events (``bench.execute.CellEvent`` / ``AttackEvent``)
+Every executor yields the worker's events (``leakbench.execute.CellEvent`` / ``AttackEvent``)
 as they come; seeds come from the cells, so the rows do not depend on who computed them.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Protocol
 
-from bench.executors.local import LocalExecutor
-from bench.executors.processes import ProcessExecutor
+from leakbench.executors.local import LocalExecutor
+from leakbench.executors.processes import ProcessExecutor
 
 EXECUTORS = ("local", "processes", "ray")
 

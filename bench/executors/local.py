@@ -6,9 +6,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from bench.attacks.optimize import Acceleration, acceleration
-from bench.execute import Event, Pack, Progress, SilentProgress, Worker
-from bench.suite import Suite
+from leakbench.attacks.optimize import Acceleration, acceleration
+from leakbench.execute import Event, Pack, Progress, SilentProgress, Worker
+from leakbench.suite import Suite
 
 
 class LocalExecutor:

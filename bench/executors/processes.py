@@ -18,8 +18,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from bench.execute import AttackEvent, Event, Pack
-from bench.suite import Suite
+from leakbench.execute import AttackEvent, Event, Pack
+from leakbench.suite import Suite
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def devices_for(workers: int | None, device: torch.device) -> list[str]:
 
 def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, results, worker_id: int,
                  acceleration=None, memory_share: float = 1.0) -> None:
-    from bench.execute import Worker
+    from leakbench.execute import Worker
 
     if threads:
         torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ within the same bound, then the run stops with the error.
 
 Workers need the same leakbench (and torch) as the driver, the data roots the suite names,
 and the caches: ``LEAKBENCH_CACHE``, ``TORCH_HOME`` and ``XDG_CACHE_HOME`` are passed to
-them when set on the driver. A worker process keeps one ``bench.execute.Worker`` (data
+them when set on the driver. A worker process keeps one ``leakbench.execute.Worker`` (data
 set, server model, LPIPS) between the packs of a run; GPU tasks get a fresh process per
 pack (Ray's default for GPU tasks, so each holds exactly its GPU and frees its memory).
 """
@@ -34,10 +34,10 @@ import ray
 import ray.exceptions
 import torch
 
-from bench.attacks.optimize import Acceleration
-from bench.execute import AttackEvent, Event, Pack
-from bench.executors.processes import WorkerLost
-from bench.suite import Suite
+from leakbench.attacks.optimize import Acceleration
+from leakbench.execute import AttackEvent, Event, Pack
+from leakbench.executors.processes import WorkerLost
+from leakbench.suite import Suite
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _run_pack(suite: Suite, pack: Pack, device_kind: str, max_pack: int, acceler
               threads: int) -> tuple[dict[str, Any], list[Event]]:
     """The Ray task: every event of ``pack``, with where it ran. Module level, so Ray pickles
     it by reference and the worker imports this module (and keeps ``_WORKER``)."""
-    from bench.execute import Worker
+    from leakbench.execute import Worker
 
     if threads:
         torch.set_num_threads(threads)

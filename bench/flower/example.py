@@ -1,6 +1,6 @@
 """A real Flower federation on loopback, recorded by the server and audited by leakbench.
 
-    python -m bench.flower.example --out DIR [--budget smoke]
+    python -m leakbench.flower.example --out DIR [--budget smoke]
 
 1. Starts a Flower server (``flwr.server.start_server``, wrapped in ``RecordingStrategy``)
    and two Flower clients (``start_client``), each in its own process, on 127.0.0.1. Each
@@ -10,7 +10,7 @@
 3. This harness, which alone knows which images each client had (its ground truth for
    scoring), writes ``DIR/suite.toml``: one case per client of the audited round, with
    ``protocol = "recorded"`` and ``images`` = the client's images, and the battery.
-4. Runs it with ``bench.runner.run_suite`` into ``DIR`` and writes the leaderboards and
+4. Runs it with ``leakbench.runner.run_suite`` into ``DIR`` and writes the leaderboards and
    ``DIR/report.html``, as ``leakbench run`` does.
 
 The server process never sees the clients' images or indices; the audit reads the
@@ -61,7 +61,7 @@ class Settings:
     timeout_s: float = 300.0
 
     def stated_protocol(self):
-        from bench.flower.recording import StatedProtocol
+        from leakbench.flower.recording import StatedProtocol
 
         return StatedProtocol(kind=self.protocol, lr=self.lr, local_epochs=self.local_epochs,
                               local_batch_size=self.local_batch_size or None, bn_mode="train")
@@ -96,8 +96,8 @@ class ExampleResult:
 
 
 def _victim(settings: dict, seed: int = 0):
-    from bench.data import DATASETS
-    from victims import build_victim
+    from leakbench.data import DATASETS
+    from leakbench.victims import build_victim
 
     ds = DATASETS.build(DATASET, side=settings["side"])
     return build_victim(settings["victim"], {}, num_classes=ds.num_classes, in_channels=ds.channels,
@@ -124,8 +124,8 @@ def serve(spec: dict) -> None:
     from flwr.server import ServerConfig, start_server
     from flwr.server.strategy import FedAvg
 
-    from bench.flower.recording import StatedProtocol
-    from bench.flower.strategy import RecordingStrategy, parameter_names
+    from leakbench.flower.recording import StatedProtocol
+    from leakbench.flower.strategy import RecordingStrategy, parameter_names
 
     model = _victim(spec, seed=spec["seed"])
     fit_config = {"lr": spec["protocol"]["lr"], "local_epochs": spec["protocol"]["local_epochs"],
@@ -169,7 +169,7 @@ def client(spec: dict) -> None:
     except ImportError:  # older Flower 1.x
         from flwr.client import start_client
 
-    from bench.data import DATASETS
+    from leakbench.data import DATASETS
 
     torch.set_num_threads(1)
     batch = DATASETS.build(DATASET, side=spec["side"]).batch(spec["indices"])
@@ -209,7 +209,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def federate(settings: Settings, *, out: Path, client_indices: Sequence[Sequence[int]]) -> Path:
     """Run the server and the clients as processes on loopback; the recording's folder."""
-    from bench.flower.recording import recorded_rounds, round_path
+    from leakbench.flower.recording import recorded_rounds, round_path
 
     out = Path(out)
     recording = out / "recording"
@@ -233,7 +233,7 @@ def federate(settings: Settings, *, out: Path, client_indices: Sequence[Sequence
             spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
             with open(logs / f"{role}.log", "wb") as log_file:
                 procs[role] = subprocess.Popen(
-                    [sys.executable, "-m", "bench.flower.example", role.split("-")[0], "--spec", str(spec_path)],
+                    [sys.executable, "-m", "leakbench.flower.example", role.split("-")[0], "--spec", str(spec_path)],
                     stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=root)
         deadline = time.monotonic() + settings.timeout_s
         while True:
@@ -304,13 +304,13 @@ def _toml_str(value: str) -> str:
 def write_suite(path: Path, settings: Settings, *, recording: Path, client_images: dict[str, list[int]],
                 partitions: dict[str, int]) -> Path:
     """The audit suite: one case per recorded client of the audited round, scored against its images."""
-    from bench.flower.recording import round_fingerprint
+    from leakbench.flower.recording import round_fingerprint
 
     fingerprint = round_fingerprint(recording, settings.audit_round)[:16]
     description = (f"{len(client_images)} Flower clients ({settings.protocol}, lr {settings.lr:g}) on {DATASET}, "
                    f"round {settings.audit_round}, recorded by the server")
     lines = [
-        "# Written by `python -m bench.flower.example`: audits what the Flower clients sent in round "
+        "# Written by `python -m leakbench.flower.example`: audits what the Flower clients sent in round "
         f"{settings.audit_round}.",
         "# `images` lists each client's images, known to this test harness only: the runner scores against them,",
         "# no attack sees them (the observation comes from the recording alone).",
@@ -345,13 +345,13 @@ def write_suite(path: Path, settings: Settings, *, recording: Path, client_image
 
 def run_example(settings: Settings, *, out: str | Path, device: str = "auto", progress=None) -> ExampleResult:
     """Federate, record, audit and report; see the module docstring."""
-    import reports
-    from bench.core import derive_seed
-    from bench.data import DATASETS, select_indices
-    from bench.flower.recording import load_round
-    from bench.runner import run_suite
-    from bench.store import store_path
-    from bench.suite import load_suite
+    from leakbench import reports
+    from leakbench.core import derive_seed
+    from leakbench.data import DATASETS, select_indices
+    from leakbench.flower.recording import load_round
+    from leakbench.runner import run_suite
+    from leakbench.store import store_path
+    from leakbench.suite import load_suite
 
     settings.check()
     out = Path(out).resolve()
@@ -379,7 +379,7 @@ def run_example(settings: Settings, *, out: str | Path, device: str = "auto", pr
     t1 = time.monotonic()
     suite = load_suite(suite_path, budget=settings.budget)
     summary = run_suite(suite, out_dir=out, device=device, progress=progress,
-                        argv=" ".join(["python", "-m", "bench.flower.example", "--out", str(out)]))
+                        argv=" ".join(["python", "-m", "leakbench.flower.example", "--out", str(out)]))
     paths = reports.write_reports(summary.store, out, suite_hash=suite.hash)
     return ExampleResult(out=out, recording=recording, suite=suite_path, store=store_path(out), suite_hash=suite.hash,
                          client_images=client_images, federation_s=federation_s, audit_s=time.monotonic() - t1,
@@ -391,7 +391,7 @@ def run_example(settings: Settings, *, out: str | Path, device: str = "auto", pr
 
 def _progress(quiet: bool):
     try:
-        from bench.cli import TqdmProgress
+        from leakbench.cli import TqdmProgress
     except ImportError:
         return None
     return TqdmProgress(enabled=not quiet)
@@ -399,7 +399,7 @@ def _progress(quiet: bool):
 
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m bench.flower.example",
+    p = argparse.ArgumentParser(prog="python -m leakbench.flower.example",
                                 description="Run a real Flower server and two clients on loopback, record round "
                                             "updates on the server, and audit them with leakbench.")
     p.add_argument("role", nargs="?", default="example", choices=("example", "server", "client"),
@@ -433,8 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role in ("server", "client"):  # Flower logs through its own handler; add leakbench's
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("bench").addHandler(handler)
-        logging.getLogger("bench").setLevel(logging.INFO)
+        logging.getLogger("leakbench").addHandler(handler)
+        logging.getLogger("leakbench").setLevel(logging.INFO)
         spec: dict[str, Any] = json.loads(Path(args.spec).read_text(encoding="utf-8"))
         (serve if args.role == "server" else client)(spec)
         return 0
@@ -468,8 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # a suite that does not validate, a recording that does not fit
         print(f"error: {err}", file=sys.stderr)
         return 2
-    import reports
-
+    from leakbench import reports
     results = reports.load_results(result.store, suite_hash=result.suite_hash)
     print(reports.to_markdown(reports.leaderboard(results), results=results))
     print()

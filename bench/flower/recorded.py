@@ -2,7 +2,7 @@
 
 A suite cell with ``protocol = { name = "recorded", recording = DIR, round = R,
 client = CID, batch_size = N }`` attacks what client CID sent in round R of a recorded
-Flower run (``bench.flower.recording``), exactly as the server received it:
+Flower run (``leakbench.flower.recording``), exactly as the server received it:
 
 - the attacker's model is the victim with the parameters the server sent that client
   loaded into it (matched by name; the victim's buffers that the recording lacks keep
@@ -29,9 +29,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from bench.core import Batch, Defense, Observation, ParamError, ThreatModel
-from bench.fl import PROTOCOLS, Protocol
-from bench.flower.recording import RecordingError, RoundRecord, load_round, round_path, round_fingerprint
+from leakbench.core import Batch, Defense, Observation, ParamError, ThreatModel
+from leakbench.fl import PROTOCOLS, Protocol
+from leakbench.flower.recording import RecordingError, RoundRecord, load_round, round_path, round_fingerprint
 
 _HEX = re.compile(r"^[0-9a-f]{12,64}$")
 MIN_FINGERPRINT = 12
@@ -161,7 +161,7 @@ def _check_names(model: nn.Module, record: RoundRecord, *, source: str) -> list[
             f"{source}: the recording does not fit the suite's victim ({'; '.join(problems)}). The victim must be "
             "the architecture the Flower clients train, built for the suite's data set (its side and classes), and "
             "the recording's names must be that model's state_dict (or named_parameters) names in the order of "
-            "Flower's arrays (bench.flower.strategy.parameter_names)")
+            "Flower's arrays (leakbench.flower.strategy.parameter_names)")
     return trainable
 
 
@@ -179,7 +179,7 @@ def recorded(
     bn_mode: Literal["train", "eval"] = "train",
     sha256: str = "",
 ) -> RecordedProtocol:
-    """A real Flower client's update, replayed from the recording folder ``recording`` (bench.flower).
+    """A real Flower client's update, replayed from the recording folder ``recording`` (leakbench.flower).
 
     The update client ``client`` (Flower's client id) sent in round ``round``.
 

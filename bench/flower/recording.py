@@ -3,7 +3,7 @@
 A recording is a folder. Each recorded round is one file ``round-0001.pt`` holding
 
 - ``names``: the parameter names of Flower's list of arrays, in that list's order
-  (see ``bench.flower.strategy.parameter_names``);
+  (see ``leakbench.flower.strategy.parameter_names``);
 - ``sent``: the global parameters the server sent to the round's clients;
 - per client (Flower's client id, ``ClientProxy.cid``): the parameters it returned, the
   ``num_examples`` it reported, its metrics, the fit config the server sent it, its own
@@ -11,7 +11,7 @@ A recording is a folder. Each recorded round is one file ``round-0001.pt`` holdi
   protocol the user states the client ran (``StatedProtocol``: FedSGD, or FedAvg with its
   local epochs, local batch size and lr, as the server knows them).
 
-Files are written atomically (``bench.core.files.atomic_save``) and read with
+Files are written atomically (``leakbench.core.files.atomic_save``) and read with
 ``torch.load(..., weights_only=True)``: tensors, numbers, strings and lists only, with
 metrics and configs as JSON text. ``recording.json`` beside them lists the rounds and
 clients (no tensors) for people writing a suite. Nothing of a client's private data is
@@ -29,7 +29,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from bench.core.files import atomic_save, sha256_file, write_json_atomic
+from leakbench.core.files import atomic_save, sha256_file, write_json_atomic
 
 FORMAT = "leakbench.flower-recording"
 VERSION = 1
@@ -213,7 +213,7 @@ def load_round(directory: str | Path, server_round: int) -> RoundRecord:
     path = round_path(directory, server_round)
     if not directory.is_dir():
         raise RecordingError(f"{directory}: no such recording folder; record a Flower run with "
-                             "bench.flower.strategy.RecordingStrategy(..., recording=FOLDER)")
+                             "leakbench.flower.strategy.RecordingStrategy(..., recording=FOLDER)")
     if not path.is_file():
         have = recorded_rounds(directory)
         raise RecordingError(f"{path}: round {server_round} was not recorded; the recording holds "

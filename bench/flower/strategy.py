@@ -7,7 +7,7 @@ call goes to the wrapped strategy. On the side it writes, for every recorded rou
 global parameters sent in ``configure_fit`` (and any client-specific ones) and, in
 ``aggregate_fit``, each client's returned parameters, ``num_examples``, metrics and fit
 config, with the FL protocol the user states (``StatedProtocol``), to a recording folder
-(``bench.flower.recording``) that the ``recorded`` protocol turns into observations.
+(``leakbench.flower.recording``) that the ``recorded`` protocol turns into observations.
 
 Flower moves parameters as a list of arrays with no names. The recording names them with
 ``names``, in that list's order; ``parameter_names(model)`` gives the names of the usual
@@ -32,10 +32,10 @@ try:
     from flwr.server.client_proxy import ClientProxy
     from flwr.server.strategy import Strategy
 except ModuleNotFoundError as err:  # pragma: no cover - depends on the environment
-    raise ModuleNotFoundError(f"bench.flower.strategy needs Flower ({err}); install it with "
+    raise ModuleNotFoundError(f"leakbench.flower.strategy needs Flower ({err}); install it with "
                               "pip install 'leakbench[flower]'", name=err.name) from err
 
-from bench.flower.recording import ClientRecord, RecordingError, RoundRecord, StatedProtocol, save_round
+from leakbench.flower.recording import ClientRecord, RecordingError, RoundRecord, StatedProtocol, save_round
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class RecordingStrategy(Strategy):
             raise TypeError(f"strategy must be a flwr.server.strategy.Strategy, got {type(strategy).__name__}")
         if not names or len(set(names)) != len(names):
             raise ValueError("names must be the distinct parameter names of Flower's arrays, in their order "
-                             "(bench.flower.strategy.parameter_names(model))")
+                             "(leakbench.flower.strategy.parameter_names(model))")
         self.strategy = strategy
         self.recording = Path(recording)
         self.names = tuple(names)

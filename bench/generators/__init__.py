@@ -4,14 +4,14 @@
 turns an attack's ``prior`` table into a ``PriorSpec``; ``load_or_train_prior`` returns
 the generator, trained by a GAN on the attacker's public data and cached on disk.
 
-Imports: ``bench.core``, torch, PIL/numpy, and ``bench.data`` (deferred, only to load a
+Imports: ``leakbench.core``, torch, PIL/numpy, and ``leakbench.data`` (deferred, only to load a
 prior's training images; the guard that keeps those images public lives in ``data.py``).
 """
 
-from bench.generators.cache import CacheEntry, default_cache_dir, fingerprint
-from bench.generators.data import PRIOR_DATA, adapt_channels, check_public, prior_images
-from bench.generators.models import GENERATORS, build_generator, discriminator, recalibrate_batchnorm
-from bench.generators.prior import PriorSpec, TrainedGenerator, frozen_eval, load_or_train_prior, parse_prior
+from leakbench.generators.cache import CacheEntry, default_cache_dir, fingerprint
+from leakbench.generators.data import PRIOR_DATA, adapt_channels, check_public, prior_images
+from leakbench.generators.models import GENERATORS, build_generator, discriminator, recalibrate_batchnorm
+from leakbench.generators.prior import PriorSpec, TrainedGenerator, frozen_eval, load_or_train_prior, parse_prior
 
 __all__ = [
     "GENERATORS",

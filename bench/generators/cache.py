@@ -30,8 +30,8 @@ import torch
 
 from torch import nn
 
-from bench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
-from victims.training import CheckpointFiles
+from leakbench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
+from leakbench.victims.training import CheckpointFiles
 
 log = logging.getLogger(__name__)
 

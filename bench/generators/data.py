@@ -2,7 +2,7 @@
 
 A prior names its data like a victim's recipe does: ``dataset = { name = "photos", split
 = "public" }``. The name is looked up first in ``PRIOR_DATA`` (attacker-only proxy sets,
-below), then in the data-set registry of ``bench.data``. ``side`` is never given: it is
+below), then in the data-set registry of ``leakbench.data``. ``side`` is never given: it is
 the attacked images' side, known from the observation.
 
 **Threat-model guard** (``check_public``): a prior is attacker knowledge and must not have
@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.core import ParamError, Registry, did_you_mean
+from leakbench.core import ParamError, Registry, did_you_mean
 
 #: Attacker-only image sources: factory(side) -> (uint8 (N, C, side, side), JSON-able provenance).
 PRIOR_DATA: Registry[tuple[torch.Tensor, dict]] = Registry("prior data set")
 
 
 def _datasets():
-    from bench.data import DATASETS  # deferred: bench.generators imports bench.data only to resolve a prior's data
+    from leakbench.data import DATASETS  # deferred: leakbench.generators imports leakbench.data only to resolve a prior's data
 
     return DATASETS
 
@@ -66,7 +66,7 @@ def check_public(name: str, params: dict[str, Any], *, param: str, key: str = "d
     else:
         raise ParamError(param, f"{key}: unknown data set {name!r}{did_you_mean(name, known_names())}; "
                                 f"known: {', '.join(known_names())}")
-    from bench.generators.tables import check_against
+    from leakbench.generators.tables import check_against
 
     check_against(entry, params, param=param, key=key, reserved=("side",))
     split_param = entry.parameters().get("split")

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from bench.core import ParamError, Registry
+from leakbench.core import ParamError, Registry
 
 GENERATORS: Registry[nn.Module] = Registry("generator")
 

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.core import ParamError, derive_seed, short_hash
-from bench.generators.cache import CacheEntry, default_cache_dir
-from bench.generators.data import check_public, prior_images
-from bench.generators.models import GENERATOR_CONTEXT, GENERATORS, build_generator, discriminator, recalibrate_batchnorm
-from bench.generators.tables import REQUIRED, Field, check_against, component, frozen, read_table, thawed
+from leakbench.core import ParamError, derive_seed, short_hash
+from leakbench.generators.cache import CacheEntry, default_cache_dir
+from leakbench.generators.data import check_public, prior_images
+from leakbench.generators.models import GENERATOR_CONTEXT, GENERATORS, build_generator, discriminator, recalibrate_batchnorm
+from leakbench.generators.tables import REQUIRED, Field, check_against, component, frozen, read_table, thawed
 
 log = logging.getLogger(__name__)
 

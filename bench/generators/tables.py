@@ -1,7 +1,7 @@
 """Reading the nested tables of attack parameters (``prior = {...}``, ``latent = {...}``).
 
 A suite gives a table as a TOML inline table; by the time the runner builds the attack,
-``bench.suite`` has frozen it into sorted ``[key, value]`` pairs (its hashable form). A
+``leakbench.suite`` has frozen it into sorted ``[key, value]`` pairs (its hashable form). A
 factory therefore accepts both, and this module turns either into checked values with
 defaults filled. Problems raise ``ParamError`` naming the attack parameter, so
 ``leakbench check`` reports them at ``case[i].attacks[j].<param>`` with the key inside.
@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from bench.core import ParamError, did_you_mean
+from leakbench.core import ParamError, did_you_mean
 
 
 @dataclass(frozen=True)

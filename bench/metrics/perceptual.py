@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.metrics.lpips_weights import (
+from leakbench.metrics.lpips_weights import (
     TrunkWeights,
     WeightLoadError,
     find_alexnet_trunk,
@@ -51,7 +51,7 @@ def _lpips_lin_path(lpips_module: Any) -> str:
 def build_lpips_model() -> torch.nn.Module:
     """An ``lpips.LPIPS`` AlexNet v0.1 model with calibrated linear layers and a *random* trunk.
 
-    The trunk must be filled with :func:`bench.metrics.lpips_weights.load_alexnet_trunk`
+    The trunk must be filled with :func:`leakbench.metrics.lpips_weights.load_alexnet_trunk`
     before any score is taken. Building it downloads nothing (``pnet_rand=True``),
     prints nothing, and leaves the global RNG state as it found it.
     """

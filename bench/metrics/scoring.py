@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.core.types import Batch, Reconstruction
-from bench.metrics.image import label_accuracy, match_to_reference, psnr_db, ssim
-from bench.metrics.perceptual import LPIPSScorer, get_lpips
+from leakbench.core.types import Batch, Reconstruction
+from leakbench.metrics.image import label_accuracy, match_to_reference, psnr_db, ssim
+from leakbench.metrics.perceptual import LPIPSScorer, get_lpips
 
 
 @dataclass(frozen=True)

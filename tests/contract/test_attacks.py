@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from bench.attacks import ATTACKS, LABELS
-from bench.core import ThreatModel, ThreatModelError, generator
-from bench.fl import PROTOCOLS
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.attacks import ATTACKS, LABELS
+from leakbench.core import ThreatModel, ThreatModelError, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 # Small budgets for the contract; each attack's own parameters, named by registry name.
 TINY_PARAMS = {

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from bench.core import Defense, ThreatModel, generator
-from bench.fl import PROTOCOLS
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.core import Defense, ThreatModel, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 PARAMS = {"label_disguise": {"last_layer_sigma": 1.0}}
 PROTOCOL_PARAMS = {

@@ -5,7 +5,7 @@ Registering a victim enrolls it here. Everything runs at a 16 px side. The bottl
 ResNets are too slow for the full check on a shared 2-core CPU (one double backward at
 16 px, one thread, unloaded: resnet50 1.1 s, resnet101 3.2 s, resnet152 3.0 s; a seeded
 build 0.3-0.7 s, three per test), so they are built and run forward on the meta device
-(shapes only); the code they run (``victims.resnet.build_resnet`` with bottleneck blocks
+(shapes only); the code they run (``leakbench.victims.resnet.build_resnet`` with bottleneck blocks
 and its initialization) gets the full check through the generic ``resnet`` at a tiny
 width, and the test against torchvision pins their layout.
 """
@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from victims import VICTIMS, build_victim
-from victims.layers import ACTIVATIONS, NORMS, PADDING_MODES
+from leakbench.victims import VICTIMS, build_victim
+from leakbench.victims.layers import ACTIVATIONS, NORMS, PADDING_MODES
 
 SIDE = 16
 HEAVY = {"resnet50", "resnet101", "resnet152"}

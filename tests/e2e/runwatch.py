@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.store import store_path
+from leakbench.store import store_path
 
 
 def attack_runs(out: Path) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.runner import run_suite
-from bench.store import store_path
-from bench.suite import load_suite, parse_suite
+from leakbench.runner import run_suite
+from leakbench.store import store_path
+from leakbench.suite import load_suite, parse_suite
 
 ARCHITECTURE = Path(__file__).resolve().parents[2] / "suites" / "architecture.toml"
 

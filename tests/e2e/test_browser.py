@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.runner import run_suite
-from bench.suite import load_suite
-from reports import write_reports
+from leakbench.runner import run_suite
+from leakbench.suite import load_suite
+from leakbench.reports import write_reports
 
 pytestmark = pytest.mark.browser
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
-from bench.runner import run_suite
-from bench.store import store_path
-from bench.suite import load_suite
+from leakbench.cli import main
+from leakbench.runner import run_suite
+from leakbench.store import store_path
+from leakbench.suite import load_suite
 
 SUITE = """
 [suite]
@@ -67,7 +67,7 @@ def test_compare_passes_on_a_rerun_and_catches_a_weakened_defense(noisy_run, tmp
     assert "✅ no leakage growth" in capsys.readouterr().out
 
     # Inject the regression: a change to the defense's code that stops it adding noise.
-    from defenses.noise import GaussianNoise
+    from leakbench.defenses.noise import GaussianNoise
 
     monkeypatch.setattr(GaussianNoise, "transform", lambda self, update, *, generator: update)
     run_suite(suite, out_dir=tmp_path / "weak", device="cpu")

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.attacks import ATTACKS, LABELS
-from bench.core import ThreatModel, derive_seed, generator
-from bench.data import DATASETS
-from bench.fl import PROTOCOLS
-from bench.metrics import psnr_db
-from bench.suite import load_suite
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.attacks import ATTACKS, LABELS
+from leakbench.core import ThreatModel, derive_seed, generator
+from leakbench.data import DATASETS
+from leakbench.fl import PROTOCOLS
+from leakbench.metrics import psnr_db
+from leakbench.suite import load_suite
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 QUICK = Path(__file__).resolve().parents[2] / "suites" / "quick.toml"
 

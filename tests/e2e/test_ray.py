@@ -19,9 +19,9 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from bench.runner import run_suite  # noqa: E402
-from bench.store import Store, store_path  # noqa: E402
-from bench.suite import load_suite  # noqa: E402
+from leakbench.runner import run_suite  # noqa: E402
+from leakbench.store import Store, store_path  # noqa: E402
+from leakbench.suite import load_suite  # noqa: E402
 from runwatch import wait_for_attack_runs  # noqa: E402
 
 ROWS = ("SELECT cell_key, attack_key, image_slot, status, psnr_db, ssim, lpips, matching_loss, label_accuracy, "
@@ -126,7 +126,7 @@ def test_a_killed_worker_costs_only_its_pack_which_is_retried_and_recorded(tiny_
     killer = PackKiller(after_s=3.0)
     killer.start()
     try:
-        with caplog.at_level("WARNING", logger="bench.executors.ray"):
+        with caplog.at_level("WARNING", logger="leakbench.executors.ray"):
             summary = run_suite(suite, out_dir=tmp_path, device="cpu", executor="ray", workers=2)
     finally:
         killer.stop.set()
@@ -146,7 +146,7 @@ def test_a_killed_worker_costs_only_its_pack_which_is_retried_and_recorded(tiny_
 def test_a_killed_ray_driver_resumes_from_the_store(tiny_suite_file, tmp_path, one_thread):
     path = tiny_suite_file(images=4, iterations=400)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
+    cmd = [sys.executable, "-m", "leakbench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
            "--executor", "ray", "--workers", "2", "--pack-size", "1"]
     # A session of its own: the driver's local Ray instance goes with it when the test cleans up.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -190,7 +190,7 @@ def test_an_address_nobody_listens_on_is_a_clear_error(tiny_suite_file, tmp_path
 
 
 def test_workers_get_the_drivers_cache_locations(tmp_path, monkeypatch):
-    from bench.executors.ray import worker_env
+    from leakbench.executors.ray import worker_env
 
     monkeypatch.chdir(tmp_path)
     env = worker_env({"LEAKBENCH_CACHE": "cache", "TORCH_HOME": "~/torch", "HOME": "/x", "XDG_CACHE_HOME": ""})
@@ -198,7 +198,7 @@ def test_workers_get_the_drivers_cache_locations(tmp_path, monkeypatch):
 
 
 def test_a_cuda_run_on_a_cluster_without_gpus_stops_at_once(tiny_suite_file):
-    from bench.executors.ray import RayExecutor
+    from leakbench.executors.ray import RayExecutor
 
     suite = load_suite(tiny_suite_file(images=1, iterations=2))
     with pytest.raises(ValueError, match="has no GPU"):

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from runwatch import wait_for_attack_runs
 
-from bench.cli import main
-from bench.runner import run_suite
-from bench.store import SCHEMA_VERSION, Store, StoreError, store_path
-from bench.suite import load_suite, parse_suite
+from leakbench.cli import main
+from leakbench.runner import run_suite
+from leakbench.store import SCHEMA_VERSION, Store, StoreError, store_path
+from leakbench.suite import load_suite, parse_suite
 
 
 def result_keys(out: Path) -> list[tuple]:
@@ -54,7 +54,7 @@ def test_crash_mid_run_resumes_without_duplicates_or_losses(tiny_suite_file, tmp
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # --pack-size 1: rows arrive one (cell, attack) at a time, so the kill lands between them
     # (a pack's rows arrive together, and the analytic cells after them take milliseconds)
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
+    proc = subprocess.Popen([sys.executable, "-m", "leakbench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
                              "--pack-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         wait_for_attack_runs(proc, out, 2, timeout_s=120)
@@ -175,7 +175,7 @@ def test_cli_run_prints_leaderboard_and_report_path(tiny_suite_file, tmp_path, c
 
 
 def test_a_second_run_on_the_same_store_is_refused(tiny_suite_file, tmp_path):
-    from bench.store import run_lock
+    from leakbench.store import run_lock
 
     suite = load_suite(tiny_suite_file(images=1, iterations=2))
     with run_lock(tmp_path):

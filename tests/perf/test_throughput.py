@@ -26,12 +26,12 @@ import time
 import pytest
 import torch
 
-from bench.attacks import ATTACKS
-from bench.core import ThreatModel, generator
-from bench.data import DATASETS
-from bench.fl import PROTOCOLS
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.attacks import ATTACKS
+from leakbench.core import ThreatModel, generator
+from leakbench.data import DATASETS
+from leakbench.fl import PROTOCOLS
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 FULL = os.environ.get("LEAKBENCH_BENCH_FULL") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,7 +161,7 @@ ACCELERATED: dict[tuple, dict[str, float]] = {}
 def test_accelerated_packed_step(benchmark, victim, restarts, iterations, speedup):
     """``--compile default`` and ``--channels-last`` vs eager on a pack of CELLS cells (the warm-up round
     pays the compilation)."""
-    from bench.attacks.optimize import Acceleration
+    from leakbench.attacks.optimize import Acceleration
 
     problem = cells(victim, 32, 1)
     attack = ATTACKS.build("inverting_gradients", iterations=iterations, restarts=restarts)

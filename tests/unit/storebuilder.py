@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from bench.store import ResultRow, Store
+from leakbench.store import ResultRow, Store
 
 CREATED = "2024-06-11T00:00:00+00:00"
 
@@ -27,7 +27,7 @@ def png(value: int) -> bytes:
 
 
 class StoreBuilder:
-    """Writes one suite's runs, cells and rows through ``bench.store.Store``."""
+    """Writes one suite's runs, cells and rows through ``leakbench.store.Store``."""
 
     def __init__(self, out_dir: Path, *, suite_name: str = "toy", suite_hash: str = "hash-a", metric: str = "psnr_db",
                  value: float = 20.0, suite_text: str | None = None, leakbench_version: str = "0.1.0",

@@ -5,10 +5,10 @@ import textwrap
 import pytest
 import torch
 
-from bench.attacks import ATTACKS, LABELS
-from bench.attacks.battery import BATTERIES, effective_battery, resolve_battery
-from bench.suite import SuiteError, parse_suite
-from victims import build_victim
+from leakbench.attacks import ATTACKS, LABELS
+from leakbench.attacks.battery import BATTERIES, effective_battery, resolve_battery
+from leakbench.suite import SuiteError, parse_suite
+from leakbench.victims import build_victim
 
 
 def names(tables):

@@ -13,13 +13,13 @@ import math
 import pytest
 import torch
 
-from bench.attacks import ATTACKS
-from bench.attacks.optimize import LBFGSSchedule, Schedule, initial_images, restart_mean, run_lbfgs, run_restarts
-from bench.core import ThreatModel, generator
-from bench.fl import PROTOCOLS
-from bench.metrics import psnr_db
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.attacks import ATTACKS
+from leakbench.attacks.optimize import LBFGSSchedule, Schedule, initial_images, restart_mean, run_lbfgs, run_restarts
+from leakbench.core import ThreatModel, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.metrics import psnr_db
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 MARGIN_DB = 1.0
 BUDGETS = {

@@ -6,14 +6,14 @@ import textwrap
 
 import pytest
 
-from bench.attacks import ATTACKS, LABELS
-from bench.core import ThreatModel, ThreatModelError, generator
-from bench.fl import PROTOCOLS
-from bench.runner import run_suite
-from bench.store import Store, store_path
-from bench.suite import parse_suite
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.attacks import ATTACKS, LABELS
+from leakbench.core import ThreatModel, ThreatModelError, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.runner import run_suite
+from leakbench.store import Store, store_path
+from leakbench.suite import parse_suite
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 
 def observe(batch, *, threat, norm="batch"):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from reports import load_results
-from reports.certify import Limits, certificate_markdown, certify, write_certificate
+from leakbench.reports import load_results
+from leakbench.reports.certify import Limits, certificate_markdown, certify, write_certificate
 from storebuilder import StoreBuilder, simple_store
 
 THREAT_SUITE = '[suite]\nname = "toy"\n[threat_model]\nlabels = "recovered"\nbn_stats = "none"\n'

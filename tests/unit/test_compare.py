@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
-from reports import load_results
-from reports.compare import Tolerance, compare, compare_metric, comparison_markdown
+from leakbench.cli import main
+from leakbench.reports import load_results
+from leakbench.reports.compare import Tolerance, compare, compare_metric, comparison_markdown
 from storebuilder import StoreBuilder, simple_store
 
 BASE = [10.0, 11.5, 12.0, 13.0, 14.5, 15.0, 16.0, 17.5, 18.0, 12.5, 11.0, 14.0]  # 12 images, all below 20 dB

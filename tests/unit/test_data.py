@@ -1,4 +1,4 @@
-"""Unit tests of bench.data: the embedded photos, image folders, torchvision sets, sampling."""
+"""Unit tests of leakbench.data: the embedded photos, image folders, torchvision sets, sampling."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.core.registry import RegistryError
-from bench.core.types import Batch
-from bench.data import DATASETS, ImageSet, select_indices
-from bench.data import photos as photos_module
-from bench.data.photos import ALLOWED_SIDES, ATTACK_CROPS, PHOTOS, PHOTOS_NORMALIZATION, PUBLIC_CROPS
+from leakbench.core.registry import RegistryError
+from leakbench.core.types import Batch
+from leakbench.data import DATASETS, ImageSet, select_indices
+from leakbench.data import photos as photos_module
+from leakbench.data.photos import ALLOWED_SIDES, ATTACK_CROPS, PHOTOS, PHOTOS_NORMALIZATION, PUBLIC_CROPS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,7 +179,7 @@ def test_photos_load_offline_without_skimage_cache(tmp_path: Path) -> None:
         socket.socket.connect_ex = refuse
         socket.create_connection = refuse
         socket.getaddrinfo = refuse
-        from bench.data import DATASETS
+        from leakbench.data import DATASETS
         ds = DATASETS.build("photos", side=32)
         pub = DATASETS.build("photos", side=32, split="public")
         print(len(ds), len(pub), ds.batch([0, 39]).images.shape[0])

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from bench.core import ParamError, ThreatModel, generator
-from bench.fl import PROTOCOLS, update_cosine, utility_cost
-from defenses import DEFENSES
-from defenses.label_disguise import auto_distinct
-from defenses.sparsify import kept_count
-from victims import build_victim
+from leakbench.core import ParamError, ThreatModel, generator
+from leakbench.fl import PROTOCOLS, update_cosine, utility_cost
+from leakbench.defenses import DEFENSES
+from leakbench.defenses.label_disguise import auto_distinct
+from leakbench.defenses.sparsify import kept_count
+from leakbench.victims import build_victim
 
 
 def fc_model(side=16, hidden=64):

@@ -8,9 +8,9 @@ import sqlite3
 import pytest
 import torch
 
-from bench.runner import run_suite
-from bench.store import store_path
-from bench.suite import parse_suite
+from leakbench.runner import run_suite
+from leakbench.store import store_path
+from leakbench.suite import parse_suite
 
 SUITE = """
 [suite]

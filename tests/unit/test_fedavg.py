@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.attacks import ATTACKS, LABELS
-from bench.attacks.common import attacker_model
-from bench.attacks.fedavg import frozen_training_fn, local_training_fn, update_fn
-from bench.attacks.optimize import target_gradients
-from bench.core import ParamError, ThreatModel, generator
-from bench.fl import PROTOCOLS
-from bench.metrics.image import psnr_db
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.attacks import ATTACKS, LABELS
+from leakbench.attacks.common import attacker_model
+from leakbench.attacks.fedavg import frozen_training_fn, local_training_fn, update_fn
+from leakbench.attacks.optimize import target_gradients
+from leakbench.core import ParamError, ThreatModel, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.metrics.image import psnr_db
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 
 @pytest.fixture
@@ -248,7 +248,7 @@ def test_geng_labels_count_a_fedavg_batch_from_the_mean_step_gradient():
     """8 photos over 3 classes (4 + 2 + 2), 3 epochs in mini-batches of 2 (12 steps): the strategy reads the
     mean step gradient -delta / (lr * steps) and counts exactly; read as -delta / lr (12x too large, what it
     read before), every image gets the majority class."""
-    from bench.data import DATASETS
+    from leakbench.data import DATASETS
 
     data = DATASETS.build("photos", side=16)
     by_class = {}

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import components
-from bench.core import ParamError, ThreatModel, generator
-from bench.fl import PROTOCOLS
-from bench.flower.recording import (
+from leakbench import components
+from leakbench.core import ParamError, ThreatModel, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.flower.recording import (
     FORMAT,
     ClientRecord,
     RecordingError,
@@ -28,9 +28,9 @@ from bench.flower.recording import (
     round_path,
     save_round,
 )
-from bench.suite import SuiteError, parse_suite
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.suite import SuiteError, parse_suite
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 components.registries()  # registers the "recorded" protocol
 
@@ -48,7 +48,7 @@ def tiny(seed=0, side=16):
 
 
 def sgd_client(model, batch, *, lr, epochs=1, local_batch_size=None):
-    """A client's local training written out independently of bench.fl: plain SGD via torch.optim."""
+    """A client's local training written out independently of leakbench.fl: plain SGD via torch.optim."""
     client = copy.deepcopy(model)
     client.train()
     opt = torch.optim.SGD(client.parameters(), lr=lr)

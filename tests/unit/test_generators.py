@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.core import ParamError
-from bench.generators import (
+from leakbench.core import ParamError
+from leakbench.generators import (
     GENERATORS,
     CacheEntry,
     adapt_channels,
@@ -24,12 +24,12 @@ from bench.generators import (
     parse_prior,
     prior_images,
 )
-from bench.generators.models import DCGAN_SIDES, RESNET_SIDES
-from bench.generators.prior import TRAINING_FORMAT
-from bench.suite import SuiteError, load_suite, parse_suite
+from leakbench.generators.models import DCGAN_SIDES, RESNET_SIDES
+from leakbench.generators.prior import TRAINING_FORMAT
+from leakbench.suite import SuiteError, load_suite, parse_suite
 
 SIDE = 16
-LOG = "bench.generators.cache"
+LOG = "leakbench.generators.cache"
 SIDES = {"dcgan": DCGAN_SIDES, "resnet": RESNET_SIDES}
 TINY_GAN = {"generator": {"name": "dcgan", "width": 4}, "dataset": {"name": "photos", "split": "public"},
             "epochs": 2, "batch_size": 64, "discriminator_width": 4}
@@ -176,7 +176,7 @@ def test_cache_loads_with_weights_only(tmp_path, caplog):
     torch.save({"payload": Path("/")}, first.checkpoint)  # not a tensor: weights_only refuses it
     entry = CacheEntry(tmp_path, first.key, TRAINING_FORMAT)
     meta = json.loads(entry.meta.read_text())
-    from bench.core.files import sha256_file, write_json_atomic
+    from leakbench.core.files import sha256_file, write_json_atomic
 
     write_json_atomic(entry.meta, {**meta, "sha256": sha256_file(entry.weights)})
     with caplog.at_level(logging.WARNING, logger=LOG):

@@ -9,17 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.attacks import ATTACKS
-from bench.attacks.common import attacker_model
-from bench.attacks.fedavg import update_fn
-from bench.attacks.gias import MODES, Renderer, Search
-from bench.attacks.giml import TaskObjective, learn_or_load, meta_learn, parse_meta, simulate_tasks
-from bench.core import ParamError, ThreatModel, ThreatModelError, generator
-from bench.fl import PROTOCOLS
-from bench.generators import load_or_train_prior, parse_prior, prior_images
-from bench.generators.prior import prior_identity
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.attacks import ATTACKS
+from leakbench.attacks.common import attacker_model
+from leakbench.attacks.fedavg import update_fn
+from leakbench.attacks.gias import MODES, Renderer, Search
+from leakbench.attacks.giml import TaskObjective, learn_or_load, meta_learn, parse_meta, simulate_tasks
+from leakbench.core import ParamError, ThreatModel, ThreatModelError, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.generators import load_or_train_prior, parse_prior, prior_images
+from leakbench.generators.prior import prior_identity
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 SIDE = 16
 UNTRAINED = {"generator": {"name": "dcgan", "width": 4}, "epochs": 0}

@@ -1,4 +1,4 @@
-"""Unit tests of bench.metrics: PSNR, SSIM, matching, label accuracy, LPIPS weights, score()."""
+"""Unit tests of leakbench.metrics: PSNR, SSIM, matching, label accuracy, LPIPS weights, score()."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.core.types import Batch, Normalization, Reconstruction
-from bench.metrics import (
+from leakbench.core.types import Batch, Normalization, Reconstruction
+from leakbench.metrics import (
     PSNR_CAP_DB,
     BatchScore,
     LPIPSScorer,
@@ -24,8 +24,8 @@ from bench.metrics import (
     score,
     ssim,
 )
-from bench.metrics import lpips_weights as lw
-from bench.metrics import perceptual
+from leakbench.metrics import lpips_weights as lw
+from leakbench.metrics import perceptual
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from bench.attacks.common import attacker_model
-from bench.attacks import ATTACKS
-from bench.attacks.optimize import (
+from leakbench.attacks.common import attacker_model
+from leakbench.attacks import ATTACKS
+from leakbench.attacks.optimize import (
     MATCHING,
     Schedule,
     gradient_fn,
@@ -14,10 +14,10 @@ from bench.attacks.optimize import (
     target_gradients,
     total_variation,
 )
-from bench.core import ThreatModel, generator
-from bench.fl import PROTOCOLS
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench.core import ThreatModel, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 
 @pytest.mark.parametrize("victim,params,bn_mode", [
@@ -166,7 +166,7 @@ def test_a_reconstruction_stops_early_alone():
 @pytest.mark.slow
 def test_compiled_step_keeps_the_numbers(smooth_batch):
     """torch.compile of the packed step (``--compile default``) stays within tolerance of eager fp32."""
-    from bench.attacks.optimize import Acceleration
+    from leakbench.attacks.optimize import Acceleration
 
     cells = _observations(smooth_batch, "lenet", {}, "train", 2)
     attack = ATTACKS.build("inverting_gradients", iterations=8, restarts=2, lr=0.1, tv_weight=1e-2)
@@ -188,8 +188,8 @@ def test_compiled_step_keeps_the_numbers(smooth_batch):
 def test_channels_last_keeps_the_numbers_and_the_layout(smooth_batch):
     """``--channels-last`` changes strides only: a BatchNorm pack gives eager fp32's reconstructions,
     and the candidates really are laid out channels-last while it runs."""
-    from bench.attacks import optimize
-    from bench.attacks.optimize import Acceleration
+    from leakbench.attacks import optimize
+    from leakbench.attacks.optimize import Acceleration
 
     cells = _observations(smooth_batch, "test_tiny", {"norm": "batch", "activation": "relu"}, "train", 2)
     attack = ATTACKS.build("inverting_gradients", iterations=8, restarts=2, lr=0.1, tv_weight=1e-2)

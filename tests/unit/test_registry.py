@@ -1,7 +1,7 @@
 import pytest
 
-from bench.core import Registry, RegistryError, derive_seed, generator
-from bench.core.seeding import short_hash
+from leakbench.core import Registry, RegistryError, derive_seed, generator
+from leakbench.core.seeding import short_hash
 
 
 def make_registry():

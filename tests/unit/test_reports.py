@@ -1,6 +1,6 @@
 """reports: worst cases, averages, leak rates, failures, n/a LPIPS, oracle flags, files.
 
-Every test builds a small store by hand through ``bench.store.Store`` (no torch), so the
+Every test builds a small store by hand through ``leakbench.store.Store`` (no torch), so the
 expected numbers can be worked out on paper; they are written next to the fixture.
 """
 
@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import reports
-from bench.store import ResultRow, Store
-from reports import (
+from leakbench import reports
+from leakbench.store import ResultRow, Store
+from leakbench.reports import (
     ReportError,
     bootstrap_mean_interval,
     leaderboard,
@@ -267,7 +267,7 @@ def test_bootstrap_interval_is_reproducible_and_brackets_the_mean(store_file: Pa
 
 
 def test_psnr_cap_matches_the_metrics_module() -> None:
-    # Read the constant from the source: importing bench.metrics would import torch.
+    # Read the constant from the source: importing leakbench.metrics would import torch.
     source = (Path(__file__).resolve().parents[2] / "bench" / "metrics" / "image.py").read_text()
     caps = [ast.literal_eval(node.value) for node in ast.walk(ast.parse(source))
             if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PSNR_CAP_DB"]
@@ -403,7 +403,7 @@ def test_leaderboard_page_is_valid_and_has_no_images(store_file: Path, tmp_path:
 
 
 def test_import_reports_does_not_import_torch() -> None:
-    code = ("import sys, reports, reports.html, reports.leaderboard, reports.plots, reports.compare, reports.certify; "
+    code = ("import sys, leakbench.reports, leakbench.reports.html, leakbench.reports.leaderboard, leakbench.reports.plots, leakbench.reports.compare, leakbench.reports.certify; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -411,7 +411,7 @@ def test_import_reports_does_not_import_torch() -> None:
 
 # --------------------------------------------------------------------------- issue 8 additions
 
-from reports.leaderboard import INTERVAL_COLUMNS, consistency_warnings  # noqa: E402
+from leakbench.reports.leaderboard import INTERVAL_COLUMNS, consistency_warnings  # noqa: E402
 from storebuilder import StoreBuilder, simple_store  # noqa: E402
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from reports import leaderboard, load_results, per_image_worst, write_reports
-from reports.plots import PSNR_TRACE_NOTE, report_plots
+from leakbench.reports import leaderboard, load_results, per_image_worst, write_reports
+from leakbench.reports.plots import PSNR_TRACE_NOTE, report_plots
 from storebuilder import StoreBuilder, simple_store
 
 

@@ -6,14 +6,14 @@ import textwrap
 
 import torch
 
-from bench import sanity
-from bench.core import Reconstruction, ThreatModel, generator
-from bench.fl import PROTOCOLS
-from bench.runner import run_suite
-from bench.store import Store, store_path
-from bench.suite import parse_suite
-from defenses import DEFENSES
-from victims import build_victim
+from leakbench import sanity
+from leakbench.core import Reconstruction, ThreatModel, generator
+from leakbench.fl import PROTOCOLS
+from leakbench.runner import run_suite
+from leakbench.store import Store, store_path
+from leakbench.suite import parse_suite
+from leakbench.defenses import DEFENSES
+from leakbench.victims import build_victim
 
 
 def test_every_flag_is_documented():

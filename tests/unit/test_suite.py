@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from bench.suite import SuiteError, load_suite, parse_suite
+from leakbench.suite import SuiteError, load_suite, parse_suite
 
 GOOD = """
 [suite]

@@ -15,14 +15,14 @@ import textwrap
 import pytest
 import torch
 
-from bench.data import DATASETS
-from bench.runner import run_suite
-from bench.store import store_path
-from bench.suite import ComponentSpec, SuiteError, parse_suite
-from victims.training import Recipe, checkpoint_key, load_or_train
+from leakbench.data import DATASETS
+from leakbench.runner import run_suite
+from leakbench.store import store_path
+from leakbench.suite import ComponentSpec, SuiteError, parse_suite
+from leakbench.victims.training import Recipe, checkpoint_key, load_or_train
 
 SIDE = 16
-LOG = "victims.training"
+LOG = "leakbench.victims.training"
 
 # Measured: convnet(width=8), this recipe, seed 0: 87.5 % test accuracy on the 40 attacked
 # photos (seed 1: 85 %), after 20 epochs on the 128 public crops, about 1 s on one core.

@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from bench import utility
-from bench.data import DATASETS
-from bench.suite import SuiteError, parse_suite
-from bench.utility import UtilitySpec, cell_utility, fl_accuracy
+from leakbench import utility
+from leakbench.data import DATASETS
+from leakbench.suite import SuiteError, parse_suite
+from leakbench.utility import UtilitySpec, cell_utility, fl_accuracy
 
 
 @pytest.fixture(autouse=True)
