@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-
 from leakbench.core import Registry
 
 
@@ -11,7 +9,7 @@ def registries() -> dict:
     from leakbench.attacks import ATTACKS, LABELS
     from leakbench.data import DATASETS
     from leakbench.fl import PROTOCOLS
-    import_module("leakbench.flower.recorded")  # registers the "recorded" protocol (a real client's update)
+    import leakbench.flower.recorded  # noqa: F401  registers the "recorded" protocol (a real client's update)
     from leakbench.defenses import DEFENSES
     from leakbench.victims import CONTEXT_PARAMS, VICTIMS
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from leakbench.core.vocabulary import STATUSES  # shared with the reports (torch-free)
+
 SCHEMA_VERSION = 2
 STORE_FILENAME = "leakbench.sqlite"
-STATUSES = ("ok", "error", "timeout", "oom")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

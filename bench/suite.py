@@ -21,6 +21,7 @@ import torch
 
 from leakbench.core import ParamError, Registry, ThreatModel, did_you_mean, short_hash
 from leakbench.core.registry import Entry
+from leakbench.core.vocabulary import THRESHOLD_METRICS, Threshold
 
 if typing.TYPE_CHECKING:
     from leakbench.utility import UtilitySpec
@@ -101,19 +102,8 @@ class VictimSpec(ComponentSpec):
         return base if self.recipe is None else f"{base} trained[{self.recipe.label()}]"
 
 
-@dataclass(frozen=True)
-class LeakThreshold:
-    metric: str  # psnr_db | ssim | lpips
-    value: float
-
-    def leaks(self, value: float | None) -> bool:
-        if value is None:
-            return False
-        return value < self.value if self.metric == "lpips" else value > self.value
-
-    def describe(self) -> str:
-        op = "<" if self.metric == "lpips" else ">"
-        return f"{self.metric} {op} {self.value:g}"
+#: The suite's leak threshold (one definition, shared with the reports: leakbench.core.vocabulary).
+LeakThreshold = Threshold
 
 
 @dataclass(frozen=True)
@@ -246,6 +236,17 @@ class _Checker:
     def __init__(self) -> None:
         self.problems: list[tuple[str, str]] = []
 
+    # The two helpers a table parsed outside this module needs (leakbench.utility's [utility]
+    # table), offered through the checker it is handed, so that module does not import this one.
+    @staticmethod
+    def join(path: str, key: str | int) -> str:
+        """The TOML path of ``key`` under ``path``."""
+        return _join(path, key)
+
+    def training_set(self, raw: Any, path: str, reg: Mapping[str, Registry], **kwargs):
+        """``training_set`` (below) with this checker collecting the problems."""
+        return training_set(self, raw, path, reg, **kwargs)
+
     def add(self, path: str, message: str) -> None:
         self.problems.append((path, message))
 
@@ -370,7 +371,6 @@ CASE_KEYS = ("victim", "defense", "protocol", "labels", "attacks", "battery", "t
 ATTACK_EXTRA_KEYS = ("labels", "timeout_s")
 VICTIM_EXTRA_KEYS = ("state", "recipe")
 VICTIM_STATES = ("init", "trained")
-THRESHOLD_METRICS = ("psnr_db", "ssim", "lpips")
 
 
 BUDGETS = ("full", "smoke")

@@ -131,8 +131,7 @@ def parse_utility(checker, raw: Any, path: str, reg: Mapping, *, dataset, datase
     and differ from it: accuracy is measured on the attacked images. The smoke budget caps
     the rounds at ``SMOKE_ROUNDS``.
     """
-    from leakbench.suite import _join, training_set
-
+    _join = checker.join  # leakbench.suite's checker: no import of leakbench.suite from here (no cycle)
     before = len(checker.problems)
     t = checker.table(raw, path, allowed=UTILITY_KEYS)
     hints = typing.get_type_hints(UtilitySpec)
@@ -143,8 +142,8 @@ def parse_utility(checker, raw: Any, path: str, reg: Mapping, *, dataset, datase
     tp = _join(path, "train")
     default = "" if "train" in t else (f" (a [utility] table without train trains on {DEFAULT_TRAIN['name']}'s "
                                          f"{DEFAULT_TRAIN['split']} split; name a training set)")
-    train, params, train_set = training_set(
-        checker, t.get("train", dict(DEFAULT_TRAIN)), tp, reg, dataset=dataset, dataset_spec=dataset_spec,
+    train, params, train_set = checker.training_set(
+        t.get("train", dict(DEFAULT_TRAIN)), tp, reg, dataset=dataset, dataset_spec=dataset_spec,
         purpose=f"the FL training learns the attacked data set's classes{default}",
         same_images="the FL training would use the attacked images themselves; its accuracy is measured on them")
     n, clients = values["images_per_client"], values["clients"]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from leakbench.core.vocabulary import METRICS as VOCABULARY_METRICS
 from leakbench.reports.leaderboard import (
     ResultSet,
     Threshold,
@@ -36,9 +37,7 @@ DEFAULT_ALPHA = 0.05
 
 # Worst-case metrics compared, and the sign that turns a change into "more leakage".
 METRICS: dict[str, tuple[str, int]] = {
-    "worst_psnr_db": ("worst PSNR (dB)", +1),
-    "worst_ssim": ("worst SSIM", +1),
-    "worst_lpips": ("worst LPIPS", -1),
+    f"worst_{m.name}": (f"worst {m.label}", +1 if m.higher_leaks else -1) for m in VOCABULARY_METRICS.values()
 }
 
 
@@ -271,7 +270,7 @@ def comparison_warnings(base: ResultSet, new: ResultSet) -> list[str]:
     if base.suite_threat_model != new.suite_threat_model:
         warnings.append(f"the threat models differ (base: {_settings(base.suite_threat_model)}; new: "
                         f"{_settings(new.suite_threat_model)})")
-    if tuple(base.threshold) != tuple(new.threshold):
+    if base.threshold != new.threshold:
         warnings.append(f"the leak thresholds differ (base: {base.threshold.describe()}; new: "
                         f"{new.threshold.describe()}); both leak rates use the base's")
     base_versions, new_versions = component_versions(base), component_versions(new)

@@ -19,24 +19,21 @@ import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+# The shared vocabulary (torch-free), re-exported here for the reports.
+from leakbench.core.vocabulary import FAILED_STATUSES, PSNR_CAP_DB, STATUSES, THRESHOLD_METRICS, Threshold
 from leakbench.store import STORE_FILENAME, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-# Mirrors leakbench.metrics.image.PSNR_CAP_DB, which cannot be imported here (it pulls in torch).
-PSNR_CAP_DB: float = 100.0
 BOOTSTRAP_SEED: int = 20240611
 BOOTSTRAP_RESAMPLES: int = 2000
 CONFIDENCE_LEVEL: float = 0.95
 
-THRESHOLD_METRICS = ("psnr_db", "ssim", "lpips")
-FAILED_STATUSES = ("error", "timeout", "oom")
-STATUSES = ("ok", *FAILED_STATUSES)
 NO_BATTERY = "none (attacks listed in the suite)"
 # The threat model's settings and their defaults (leakbench.core.ThreatModel); the other values
 # grant the attacker oracle knowledge and are marked in every output.
@@ -54,24 +51,6 @@ _FLOAT_COLUMNS = ("psnr_db", "ssim", "lpips", "label_accuracy", "matching_loss",
 
 class ReportError(RuntimeError):
     """A report that cannot be built, with what to do about it."""
-
-
-class Threshold(NamedTuple):
-    """The suite's leak threshold: an image leaks when its worst case passes it."""
-
-    metric: str  # psnr_db | ssim | lpips
-    value: float
-
-    @property
-    def lower_is_worse(self) -> bool:
-        """LPIPS is a distance: a reconstruction leaks when it is *below* the value."""
-        return self.metric == "lpips"
-
-    def leaks(self, worst: float) -> bool:
-        return worst < self.value if self.lower_is_worse else worst > self.value
-
-    def describe(self) -> str:
-        return f"{self.metric} {'<' if self.lower_is_worse else '>'} {self.value:g}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,9 +146,9 @@ def load_results(store_path: str | Path, *, suite_hash: str | None = None) -> Re
     if len(thresholds) > 1:
         log.warning("runs of suite %s disagree on the leak threshold %s; using the latest run's", suite_hash,
                     sorted(thresholds))
+    if str(latest["leak_metric"]) not in THRESHOLD_METRICS:
+        raise ReportError(f"unknown leak metric {latest['leak_metric']!r} in {path}; expected one of {THRESHOLD_METRICS}")
     threshold = Threshold(str(latest["leak_metric"]), float(latest["leak_value"]))
-    if threshold.metric not in THRESHOLD_METRICS:
-        raise ReportError(f"unknown leak metric {threshold.metric!r} in {path}; expected one of {THRESHOLD_METRICS}")
     return ResultSet(rows=_prepare(rows), runs=runs_frame, suite_name=str(latest["suite_name"]),
                      suite_hash=suite_hash, threshold=threshold, store_path=path)
 

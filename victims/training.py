@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leakbench.core import Batch, Normalization, ParamError, derive_seed, short_hash
-from leakbench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
+from leakbench.core.files import CheckpointFiles, atomic_save, cpu_state, sha256_file, write_json_atomic
 from leakbench.victims.registry import CONTEXT_PARAMS, VICTIMS, build_victim
 
 log = logging.getLogger(__name__)
@@ -265,27 +265,6 @@ def evaluate(model: nn.Module, data: LabelledImages, *, device: str | torch.devi
 
 
 # --------------------------------------------------------------------------- training
-
-
-@dataclass(frozen=True)
-class CheckpointFiles:
-    """The files of one cached training, by key: ``<key>.pt`` (weights), ``<key>.json`` (sidecar) and
-    ``<key>.partial.pt`` (the resumable state while it trains). Victims and generators share this layout."""
-
-    directory: Path
-    key: str
-
-    @property
-    def weights(self) -> Path:
-        return self.directory / f"{self.key}.pt"
-
-    @property
-    def meta(self) -> Path:
-        return self.directory / f"{self.key}.json"
-
-    @property
-    def partial(self) -> Path:
-        return self.directory / f"{self.key}.partial.pt"
 
 
 def _optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,24 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, sort_keys=True, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of one cached training, by key: ``<key>.pt`` (weights), ``<key>.json`` (sidecar) and
+    ``<key>.partial.pt`` (the resumable state while it trains). Victims and generators share this layout."""
+
+    directory: Path
+    key: str
+
+    @property
+    def weights(self) -> Path:
+        return self.directory / f"{self.key}.pt"
+
+    @property
+    def meta(self) -> Path:
+        return self.directory / f"{self.key}.json"
+
+    @property
+    def partial(self) -> Path:
+        return self.directory / f"{self.key}.partial.pt"

@@ -30,8 +30,7 @@ import torch
 
 from torch import nn
 
-from leakbench.core.files import atomic_save, cpu_state, sha256_file, write_json_atomic
-from leakbench.victims.training import CheckpointFiles
+from leakbench.core.files import CheckpointFiles, atomic_save, cpu_state, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
 
+from leakbench.core.vocabulary import PSNR_CAP_DB
+
 logger = logging.getLogger(__name__)
 
-PSNR_CAP_DB: float = 100.0
-"""PSNR reported for identical images. True PSNR is +inf when MSE is 0; every image whose
+"""PSNR_CAP_DB (leakbench.core.vocabulary): the PSNR reported for identical images. True PSNR is +inf when MSE is 0; every image whose
 MSE is at most ``1e-10`` (where 10·log10(1/MSE) reaches 100 dB) reports exactly this
 capped value, so leaderboards stay finite and comparable."""
 
