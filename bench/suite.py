@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from leakbench.core import ParamError, Registry, ThreatModel, did_you_mean, short_hash
+from leakbench.core.frozen import freeze_params, thaw, thaw_params
 from leakbench.core.registry import Entry
 from leakbench.core.vocabulary import THRESHOLD_METRICS, Threshold
 
@@ -52,14 +53,14 @@ class ComponentSpec:
     given: tuple[str, ...] = ()  # the parameters the suite set (the rest are defaults)
 
     def kwargs(self) -> dict[str, Any]:
-        return {k: _thaw(v) for k, v in self.params}
+        return thaw_params(self.params)
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "params": self.kwargs()}
 
     def label(self) -> str:
         """Short human-readable form naming the parameters the suite set: ``convnet(width=32)``."""
-        shown = ", ".join(f"{k}={_thaw(v)}" for k, v in self.params if k in self.given)
+        shown = ", ".join(f"{k}={thaw(v)}" for k, v in self.params if k in self.given)
         return f"{self.name}({shown})" if shown else self.name
 
 
@@ -167,20 +168,6 @@ class Suite:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
-    return value
 
 
 def _type_name(annotation: Any) -> str:
@@ -358,7 +345,7 @@ def _component(
     if not ok or missing:
         return None, extras
     full = {**entry.defaults(exclude=reserved), **params}
-    spec = ComponentSpec(name=name, version=entry.version, params=tuple(sorted((k, _freeze(v)) for k, v in full.items())),
+    spec = ComponentSpec(name=name, version=entry.version, params=freeze_params(full),
                          given=tuple(sorted(params)))
     return spec, extras
 

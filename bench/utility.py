@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from leakbench.core import Batch, ParamError, ThreatModel, derive_seed, generator, short_hash
+from leakbench.core.frozen import freeze_params, thaw_params
 
 if typing.TYPE_CHECKING:
     from leakbench.suite import Cell, Suite
@@ -85,14 +86,14 @@ class UtilitySpec:
         params = self.train_params
         if isinstance(params, Mapping):
             params = params.items()
-        object.__setattr__(self, "train_params", tuple(sorted((k, _frozen(v)) for k, v in params)))
+        object.__setattr__(self, "train_params", freeze_params(params))
         for key, message in utility_problems({"rounds": self.rounds, "clients": self.clients,
                                               "images_per_client": self.images_per_client,
                                               "server_lr": self.server_lr}):
             raise ParamError(key, message)
 
     def train_kwargs(self) -> dict[str, Any]:
-        return {k: _thawed(v) for k, v in self.train_params}
+        return thaw_params(self.train_params)
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -413,12 +414,4 @@ def _train_set(spec: UtilitySpec):
 
 
 def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _thawed(_frozen(v)) for k, v in sorted(dict(params).items())}
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _thawed(value: Any) -> Any:
-    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
+    return thaw_params(freeze_params(params))

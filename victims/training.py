@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leakbench.core import Batch, Normalization, ParamError, derive_seed, short_hash
+from leakbench.core.frozen import freeze_params, thaw_params
 from leakbench.core.files import CheckpointFiles, atomic_save, cpu_state, sha256_file, write_json_atomic
 from leakbench.victims.registry import CONTEXT_PARAMS, VICTIMS, build_victim
 
@@ -102,7 +103,7 @@ class Recipe:
         params = self.dataset_params
         if isinstance(params, Mapping):
             params = params.items()
-        object.__setattr__(self, "dataset_params", tuple(sorted((k, _frozen(v)) for k, v in params)))
+        object.__setattr__(self, "dataset_params", freeze_params(params))
         problems = recipe_problems({f.name: getattr(self, f.name) for f in fields(self)})
         if problems:
             raise ParamError(*problems[0])
@@ -113,7 +114,7 @@ class Recipe:
         return tuple(f.name for f in fields(cls) if f.name not in ("dataset_params", "dataset_version"))
 
     def dataset_kwargs(self) -> dict[str, Any]:
-        return {k: _thawed(v) for k, v in self.dataset_params}
+        return thaw_params(self.dataset_params)
 
     def identity(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -421,7 +422,7 @@ def _key_identity(name: str, params: Mapping[str, Any] | None, *, recipe: Recipe
     full = {**entry.defaults(exclude=CONTEXT_PARAMS), **dict(params or {})}
     return {
         "format": TRAINING_FORMAT,
-        "victim": {"name": name, "version": entry.version, "params": {k: _thawed(_frozen(v)) for k, v in full.items()}},
+        "victim": {"name": name, "version": entry.version, "params": thaw_params(freeze_params(full))},
         "context": {"num_classes": num_classes, "in_channels": in_channels, "side": side},
         "recipe": recipe.identity(),
     }
@@ -435,14 +436,6 @@ def _check_data(data: LabelledImages, *, num_classes: int, in_channels: int, sid
             f"victim is built for {num_classes} classes, {in_channels} channel(s) and side {side}; "
             "train on a data set with the attacked data set's classes and image shape"
         )
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _thawed(value: Any) -> Any:
-    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
 
 
 

@@ -55,6 +55,7 @@ from leakbench.attacks.optimize import (
 )
 from leakbench.attacks.registry import ATTACKS
 from leakbench.core import Attack, Observation, ParamError, Reconstruction, ThreatModelError
+from leakbench.core.frozen import freeze_params
 from leakbench.generators import PriorSpec, load_or_train_prior, parse_prior
 from leakbench.generators.tables import Field, read_table
 
@@ -282,8 +283,9 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-LATENT_DEFAULT = (("iterations", 500), ("lr", 0.03))
-WEIGHTS_DEFAULT = (("iterations", 5000), ("lr", 0.001))
+# Frozen (hashable) defaults that thaw to tables: a cell's identity shows them as { iterations, lr }.
+LATENT_DEFAULT = freeze_params({"iterations": 500, "lr": 0.03})
+WEIGHTS_DEFAULT = freeze_params({"iterations": 5000, "lr": 0.001})
 
 
 @ATTACKS.register("gias", version="1")

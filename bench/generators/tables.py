@@ -1,8 +1,8 @@
 """Reading the nested tables of attack parameters (``prior = {...}``, ``latent = {...}``).
 
 A suite gives a table as a TOML inline table; by the time the runner builds the attack,
-``leakbench.suite`` has frozen it into sorted ``[key, value]`` pairs (its hashable form). A
-factory therefore accepts both, and this module turns either into checked values with
+``leakbench.suite`` has frozen it (``leakbench.core.frozen``) and thawed it back into a dict.
+A factory also accepts a table's frozen form (sorted ``[key, value]`` pairs), and this module turns either into checked values with
 defaults filled. Problems raise ``ParamError`` naming the attack parameter, so
 ``leakbench check`` reports them at ``case[i].attacks[j].<param>`` with the key inside.
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from leakbench.core import ParamError, did_you_mean
+from leakbench.core.frozen import freeze_params, thaw_params
 
 
 @dataclass(frozen=True)
@@ -97,19 +98,9 @@ def component(value: Any, *, param: str, key: str) -> tuple[str, dict[str, Any]]
     return name, table
 
 
-def frozen(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """Sorted (key, value) pairs with lists turned into tuples: hashable and order-free."""
-    def freeze(v: Any) -> Any:
-        return tuple(freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-    return tuple(sorted((k, freeze(v)) for k, v in params.items()))
-
-
-def thawed(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
-    def thaw(v: Any) -> Any:
-        return [thaw(x) for x in v] if isinstance(v, tuple) else v
-
-    return {k: thaw(v) for k, v in pairs}
+# The hashable form of a table's parameters and back (leakbench.core.frozen, shared with the suite).
+frozen = freeze_params
+thawed = thaw_params
 
 
 def check_against(entry: Any, given: Mapping[str, Any], *, param: str, key: str, reserved: tuple[str, ...]) -> None:
