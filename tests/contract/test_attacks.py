@@ -9,8 +9,11 @@ from leakbench.fl import PROTOCOLS
 from leakbench.defenses import DEFENSES
 from leakbench.victims import build_victim
 
-# Small budgets for the contract; each attack's own parameters, named by registry name.
+# Small budgets for the contract, one per registered attack (required: an attack missing here
+# fails test_every_attack_has_a_tiny_budget instead of running at its papers' budget).
 TINY_PARAMS = {
+    "analytic_fc": {},  # closed form: no iterations to cut
+    "label_only": {},  # a baseline: no optimization
     "inverting_gradients": {"iterations": 10, "restarts": 2},
     "dlg": {"iterations": 2, "inner_steps": 3},
     "idlg": {"iterations": 2, "inner_steps": 3},
@@ -27,6 +30,17 @@ TINY_PARAMS = {
 VICTIM_FOR = {"analytic_fc": ("fc", {"hidden": 16})}
 
 
+def test_every_attack_has_a_tiny_budget():
+    missing = sorted(set(ATTACKS.names()) - set(TINY_PARAMS))
+    assert not missing, f"give {missing} a tiny budget in TINY_PARAMS (tests/contract/test_attacks.py)"
+    for name, params in TINY_PARAMS.items():
+        assert not ATTACKS.get(name).check_params(params), name
+        for key, value in params.items():  # a budget at most what the attack's own default is
+            default = ATTACKS.get(name).defaults().get(key)
+            if key in ("iterations", "inner_steps") and isinstance(default, int):
+                assert value <= default, (name, key)
+
+
 def observe(victim, params, batch, *, threat=ThreatModel(), bn_mode="train"):
     model = build_victim(victim, params, num_classes=batch.num_classes, in_channels=3, side=batch.images.shape[-1],
                          seed=0)
@@ -39,7 +53,7 @@ def test_attack_output_shape_and_range(name, smooth_batch):
     batch = smooth_batch(1, side=16)
     victim, params = VICTIM_FOR.get(name, ("test_tiny", {}))
     obs, model = observe(victim, params, batch)
-    attack = ATTACKS.build(name, **TINY_PARAMS.get(name, {}))
+    attack = ATTACKS.build(name, **TINY_PARAMS[name])
     recon = attack.reconstruct(obs, model, labels=batch.labels, generator=generator(1))
     assert recon.images.shape == batch.images.shape
     assert recon.images.dtype == torch.float32
@@ -53,7 +67,7 @@ def test_attack_is_deterministic_for_a_seed(name, smooth_batch):
     batch = smooth_batch(1, side=16)
     victim, params = VICTIM_FOR.get(name, ("test_tiny", {}))
     obs, model = observe(victim, params, batch)
-    attack = ATTACKS.build(name, **TINY_PARAMS.get(name, {}))
+    attack = ATTACKS.build(name, **TINY_PARAMS[name])
     a = attack.reconstruct(obs, model, labels=batch.labels, generator=generator(5))
     b = attack.reconstruct(obs, model, labels=batch.labels, generator=generator(5))
     assert torch.equal(a.images, b.images)
@@ -65,7 +79,7 @@ def test_attack_does_not_touch_the_model(name, smooth_batch):
     victim, params = VICTIM_FOR.get(name, ("test_tiny", {"norm": "batch"}))
     obs, model = observe(victim, params, batch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ATTACKS.build(name, **TINY_PARAMS.get(name, {})).reconstruct(obs, model, labels=batch.labels, generator=generator(1))
+    ATTACKS.build(name, **TINY_PARAMS[name]).reconstruct(obs, model, labels=batch.labels, generator=generator(1))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -104,9 +118,16 @@ def test_observation_holds_only_what_the_server_sees(smooth_batch):
     assert obs.param_names == tuple(n for n, _ in model.named_parameters())
     for field in obs.__dataclass_fields__.values():
         value = getattr(obs, field.name)
-        # no tensor in the observation has the shape of the private images
-        if isinstance(value, torch.Tensor):
-            assert value.shape != batch.images.shape
+        # no tensor in the observation, alone or in a tuple, has the shape of the private images
+        tensors = [value] if isinstance(value, torch.Tensor) else [
+            t for t in value if isinstance(t, torch.Tensor)] if isinstance(value, tuple) else []
+        assert all(t.shape != batch.images.shape for t in tensors), field.name
+    # the update is one gradient per parameter, exactly the gradient of the client's loss: nothing else rides along
+    params = dict(model.named_parameters())
+    assert [t.shape for t in obs.update] == [params[n].shape for n in obs.param_names]
+    loss = torch.nn.functional.cross_entropy(model(batch.normalization.normalize(batch.images)), batch.labels)
+    expected = torch.autograd.grad(loss, list(params.values()))
+    assert all(torch.allclose(u, g, atol=1e-6) for u, g in zip(obs.update, expected))
 
 
 # Every label strategy, at a batch size it supports; "known" and "none" have their own tests.
@@ -142,7 +163,7 @@ def test_label_strategy_never_reads_the_true_labels(name, smooth_batch):
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_attack_declares_whether_it_uses_labels(name, smooth_batch):
     """Attacks that need no labels run with labels=None (the runner recovers none for them)."""
-    attack = ATTACKS.build(name, **TINY_PARAMS.get(name, {}))
+    attack = ATTACKS.build(name, **TINY_PARAMS[name])
     if attack.uses_labels:
         return
     batch = smooth_batch(1, side=16)

@@ -107,6 +107,45 @@ def test_a_pack_of_cells_matches_the_cells_one_by_one(smooth_batch, victim, para
         assert [v for _, v in packed[c].trace] == pytest.approx([v for _, v in alone.trace], rel=1e-4, abs=1e-6)
 
 
+# Parameters an attack's factory requires, only to build it and ask whether it packs.
+REQUIRED_PARAMS = {
+    "gias": {"prior": {"generator": {"name": "dcgan", "width": 4}, "epochs": 0}},
+    "giml": {"prior": {"generator": {"name": "dcgan", "width": 4}, "epochs": 0},
+             "meta": {"dataset": {"name": "photos", "split": "public"}, "epochs": 0}},
+}
+# How each packable attack runs in the pack test: a tiny budget and the threat model it needs.
+PACK_CASES = {
+    "inverting_gradients": ({"iterations": 12, "restarts": 2, "lr": 0.1, "tv_weight": 1e-2}, ThreatModel()),
+    "gradinversion": ({"iterations": 12, "restarts": 2, "warmup": 2, "bn_prior": "shared", "group_weight": 1.0,
+                       "bn_weight": 1.0}, ThreatModel(bn_stats="shared")),
+}
+
+
+def _packable() -> list[str]:
+    return [n for n in ATTACKS.names() if ATTACKS.build(n, **REQUIRED_PARAMS.get(n, {})).packable]
+
+
+def test_every_packable_attack_has_a_pack_case():
+    assert set(_packable()) == set(PACK_CASES), "a packable attack needs PACK_CASES in tests/unit/test_packing.py"
+
+
+@pytest.mark.parametrize("name", _packable())
+def test_every_packable_attack_packs_like_its_cells_one_by_one(smooth_batch, name):
+    """Iterating the registry: whatever packs gives each cell what the cell's own run gives."""
+    params, threat = PACK_CASES[name]
+    cells = _observations(smooth_batch, "test_tiny", {"norm": "batch", "activation": "relu"}, "train", 3,
+                          threat=threat)
+    attack = ATTACKS.build(name, **params)
+    assert attack.pack_signature(cells[0][0]) == attack.pack_signature(cells[2][0])
+    packed = attack.reconstruct_many([o for o, _, _ in cells], cells[0][1], labels=[y for _, _, y in cells],
+                                     generators=[generator(30 + c) for c in range(3)])
+    assert len(packed) == 3 and len({float(r.matching_loss) for r in packed}) == 3
+    for c, (obs, client, y) in enumerate(cells):
+        alone = attack.reconstruct(obs, client, labels=y, generator=generator(30 + c))
+        assert abs(alone.matching_loss - packed[c].matching_loss) < 1e-5 * max(1.0, alone.matching_loss)
+        assert (alone.images - packed[c].images).abs().max() < 1e-4
+
+
 def test_a_gradinversion_pack_matches_the_cells_one_by_one(smooth_batch):
     """GradInversion packs too: each cell keeps its own BatchNorm targets (the client's shared batch
     statistics) and its own group consensus (the mean over its restarts only)."""
