@@ -1,7 +1,9 @@
 """Leaderboards, the HTML report, regression tracking and certification, from a leakbench store alone.
 
 This package never imports torch: a report can be rebuilt on any machine from the
-``leakbench.sqlite`` file of a run. See reports/README.md for what each file shows.
+``leakbench.sqlite`` file of a run. May import ``leakbench.store`` and the shared vocabulary
+(``leakbench.core.vocabulary``) only (contract ``reports`` in pyproject.toml). See
+reports/README.md for what each file shows.
 """
 
 from leakbench.reports.html import ReportPaths, render_leaderboard_html, render_report, write_reports

@@ -1,4 +1,5 @@
-"""The engine's core: registry, frozen types, seeding, files, and the shared vocabulary.
+"""The engine's core: registry, frozen types, seeding, files, freeze/thaw of parameters (``frozen``) and
+the shared vocabulary (``vocabulary``: metrics, statuses, thresholds).
 
 Imports nothing of the project (contract ``core`` in pyproject.toml). The names below load
 on first use, so ``leakbench.core.vocabulary`` (plain Python) can be imported by the store and

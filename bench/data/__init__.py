@@ -3,6 +3,8 @@
 ``DATASETS`` is the registry of data-set factories; importing this package registers
 the built-in ones: ``photos`` (the embedded default, offline), ``imagefolder``,
 ``cifar10``, ``cifar100`` and ``mnist``. See README.md in this folder.
+
+May import: ``leakbench.core`` only.
 """
 
 from leakbench.data.base import DATASETS, ImageSet, TensorImageSet, select_indices

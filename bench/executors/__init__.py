@@ -9,6 +9,9 @@
 
 Every executor yields the worker's events (``leakbench.execute.CellEvent`` / ``AttackEvent``)
 as they come; seeds come from the cells, so the rows do not depend on who computed them.
+
+Part of running, where the engine's parts meet: may import the suite, the worker
+(``leakbench.execute``) and the attacks' speed-up settings; never the CLI or the reports.
 """
 
 from __future__ import annotations

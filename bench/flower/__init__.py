@@ -9,5 +9,8 @@
 - ``leakbench.flower.example``: a real Flower server and two clients on loopback, recorded
   and audited end to end (``python -m leakbench.flower.example --out DIR``).
 
-See README.md in this folder.
+May import: the protocols (``leakbench.fl``), ``leakbench.core`` and ``leakbench.data``; the
+example, a program, also imports the runner, the suite loader, the store, the reports and the
+CLI's progress bar (exceptions stated in pyproject.toml's import contracts until it moves out
+of the package). See README.md in this folder.
 """

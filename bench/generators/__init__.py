@@ -5,7 +5,8 @@ turns an attack's ``prior`` table into a ``PriorSpec``; ``load_or_train_prior`` 
 the generator, trained by a GAN on the attacker's public data and cached on disk.
 
 Imports: ``leakbench.core``, torch, PIL/numpy, and ``leakbench.data`` (deferred, only to load a
-prior's training images; the guard that keeps those images public lives in ``data.py``).
+prior's training images; the guard that keeps those images public lives in ``data.py``): contract
+``generators`` in pyproject.toml, with that one exception stated.
 """
 
 from leakbench.generators.cache import CacheEntry, default_cache_dir, fingerprint

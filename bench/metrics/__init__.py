@@ -4,7 +4,7 @@ Definitions are fixed here and named in every report (see DESIGN.md, "Metrics"):
 images in [0, 1]; reconstructions matched to the batch one-to-one (Hungarian on MSE);
 PSNR capped at :data:`PSNR_CAP_DB` for identical images; SSIM from scikit-image
 (Gaussian window 11, sigma 1.5, data range 1); LPIPS ``None`` with a reason when no
-ImageNet AlexNet weights are available offline. Imports only ``leakbench.core``.
+ImageNet AlexNet weights are available offline. Imports only ``leakbench.core`` (contract ``metrics``).
 """
 
 from leakbench.metrics.image import PSNR_CAP_DB, label_accuracy, match_to_reference, psnr_db, ssim
