@@ -228,10 +228,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"error: unknown kind {kind!r}{did_you_mean(kind, regs)}; kinds: {', '.join(sorted(regs))}",
                   file=sys.stderr)
             return EXIT_BAD_INPUT
+        from leakbench.core.frozen import thaw
+
         print(f"{kind}:")
         for entry in regs[kind].entries(args.pattern):
             params = ", ".join(
-                f"{n}={p.default!r}" if p.default is not p.empty else n
+                f"{n}={thaw(p.default)!r}" if p.default is not p.empty else n  # frozen tables shown as tables
                 for n, p in entry.parameters(exclude=("num_classes", "in_channels", "side") if kind == "victim" else ()).items()
             )
             print(f"  {entry.name} (v{entry.version}): {entry.summary}")
