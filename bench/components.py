@@ -27,6 +27,10 @@ def registries() -> dict:
 
 
 def listable() -> dict[str, Registry]:
+    """Every registry `leakbench list` shows: the suite's components, and the generators and prior
+    data sets that generative-prior attacks name in their ``prior`` tables."""
+    from leakbench.generators import GENERATORS, PRIOR_DATA
+
     regs = registries()
     regs.pop("victim_context")
-    return regs
+    return {**regs, "generator": GENERATORS, "prior_data": PRIOR_DATA}

@@ -381,10 +381,13 @@ SMOKE_CAPS = {"iterations": 4, "restarts": 1, "epochs": 1, "trials": 1}
 
 
 def load_suite(path: str | Path, *, budget: str = "full") -> Suite:
-    """Read and validate a suite file; raises ``SuiteError`` listing every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise SuiteError(str(path), [("", "no such file; give the path of a suite TOML file (see suites/)")])
+    """Read and validate a suite file, or a built-in suite by name; raises ``SuiteError`` listing every problem."""
+    from leakbench import catalog
+
+    found = catalog.resolve(path)  # a file, else a built-in suite's name (`quick`)
+    if found is None:
+        raise SuiteError(str(path), [("", catalog.unknown_message(path))])
+    path = found
     text = path.read_text(encoding="utf-8")
     return parse_suite(text, source=str(path), budget=budget)
 
