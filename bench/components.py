@@ -14,7 +14,9 @@ def registries() -> dict:
     import_module("leakbench.flower.recorded")  # registers the "recorded" protocol (a real client's update)
     from leakbench.defenses import DEFENSES
     from leakbench.victims import CONTEXT_PARAMS, VICTIMS
+    from leakbench.plugins import load_entry_points
 
+    load_entry_points()  # installed plug-ins (the leakbench.plugins entry points), once per process
     return {
         "dataset": DATASETS,
         "victim": VICTIMS,
