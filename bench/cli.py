@@ -127,7 +127,14 @@ def _report(store: Path, out: Path, *, suite_hash: str | None) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from leakbench.store import store_path
 
-    out = Path(args.out)
+    if args.out and args.dir and Path(args.out) != Path(args.dir):
+        print(f"error: two results directories given ({args.dir} and --out {args.out}); give one", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not (args.out or args.dir):
+        print("error: name the results directory: leakbench report --out DIR (as given to leakbench run --out)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = Path(args.out or args.dir)
     return _report(store_path(out), out, suite_hash=args.suite_hash)
 
 
@@ -136,6 +143,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from leakbench import reports
     from leakbench.reports.compare import Tolerance, compare, comparison_markdown
 
+    if not _merge_compare_dirs(args):
+        return EXIT_BAD_INPUT
     new_store = args.new if args.new is not None else args.base
     if args.new is None and (args.base_hash is None or args.new_hash is None):
         print("error: give two stores (leakbench compare BASE NEW), or one store with --base-hash and --new-hash "
@@ -158,6 +167,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
         Path(args.output).write_text(markdown, encoding="utf-8")
     print(markdown)
     return EXIT_OK if comparison.ok else EXIT_FAILED
+
+
+def _merge_compare_dirs(args: argparse.Namespace) -> bool:
+    """``--base DIR`` / ``--out DIR`` fill BASE / NEW (the positional forms keep working); False on a clash."""
+    if args.base_dir is not None and args.base is not None and args.new is None:
+        args.base, args.new = None, args.base  # `compare --base OLD NEW`: the one positional is NEW
+    for flag, dest, given in (("--base", "base", args.base_dir), ("--out", "new", args.new_dir)):
+        current = getattr(args, dest)
+        if given is None:
+            continue
+        if current is not None and Path(current) != Path(given):
+            print(f"error: {dest.upper()} given twice ({current} and {flag} {given}); give it once", file=sys.stderr)
+            return False
+        setattr(args, dest, given)
+    if args.base is None:
+        print("error: name the base results: leakbench compare BASE NEW, or --base DIR --out DIR", file=sys.stderr)
+        return False
+    return True
 
 
 def _missing_work(suite, store_file: Path) -> int:
@@ -217,6 +244,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.kind in ("suites", "suite"):
+        return cmd_list_suites(args)
     from leakbench import components
 
     regs = components.listable()
@@ -242,6 +271,46 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_list_suites(args: argparse.Namespace) -> int:
+    """The built-in suites (``leakbench.suites``): name, cell count at the full budget, description."""
+    import fnmatch
+
+    from leakbench import catalog
+    from leakbench.suite import SuiteError, load_suite
+
+    print("suites (built in; run one by name: leakbench run NAME):")
+    for builtin in catalog.builtin_suites():
+        if not fnmatch.fnmatchcase(builtin.stem, args.pattern):
+            continue
+        try:
+            cells = f"{len(load_suite(builtin.path).cells)} cells"
+        except SuiteError as err:
+            cells = f"does not load here: {err.problems[0][1] if err.problems else err}"
+        alias = f" ({builtin.name})" if builtin.name != builtin.stem else ""
+        print(f"  {builtin.stem}{alias}: {cells}")
+        if builtin.description:
+            print(f"      {builtin.description}")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented starter suite: ``NAME.toml`` in this directory (or the path given)."""
+    from leakbench import catalog
+
+    target = Path(args.name if args.name.endswith(".toml") else f"{args.name}.toml")
+    if target.exists():
+        print(f"error: {target} exists; leakbench init does not overwrite a file: choose another name or remove it",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not target.parent.is_dir():
+        print(f"error: {target.parent} is not a directory; create it first or give another path", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    target.write_text(catalog.starter_text(target.stem, path=str(target)), encoding="utf-8")
+    print(f"wrote {target}: check it with `leakbench check {target}`, try it with "
+          f"`leakbench run {target} --budget smoke`")
+    return EXIT_OK
+
+
 def _execution(args: argparse.Namespace) -> dict:
     from leakbench.attacks.optimize import Acceleration
 
@@ -250,10 +319,54 @@ def _execution(args: argparse.Namespace) -> dict:
                                                                    channels_last=args.channels_last)}
 
 
-def _execution_options(parser: argparse.ArgumentParser) -> None:
-    from leakbench.execute import DEFAULT_MAX_PACK
-    from leakbench.executors import EXECUTORS
+# Copies of leakbench.executors.EXECUTORS and leakbench.execute.DEFAULT_MAX_PACK, so that building the
+# parser (and `--help`) imports no torch; tests/unit/test_cli.py checks that they agree.
+EXECUTORS = ("local", "processes", "ray")
+DEFAULT_MAX_PACK = 8
+BUDGET_HELP = ("full (default): the suite as written; smoke: one batch per case and 1 trial, listed attacks capped "
+               "at 4 iterations and 1 restart, training at 1 epoch, batteries swapped for their smoke twins: checks "
+               "that every cell runs, says nothing about leakage (budgets: leakbench.attacks.battery.BUDGET_SWAPS)")
 
+
+def budget_choice(value: str) -> str:
+    """``--budget``: one of the budgets of ``leakbench.attacks.battery.BUDGET_SWAPS`` (imported when a
+    command is parsed, never for ``--help``)."""
+    from leakbench.attacks.battery import BUDGET_SWAPS
+
+    if value not in BUDGET_SWAPS:
+        from leakbench.core import did_you_mean
+
+        raise argparse.ArgumentTypeError(f"unknown budget {value!r}{did_you_mean(value, BUDGET_SWAPS)}; "
+                                         f"one of {', '.join(BUDGET_SWAPS)}")
+    return value
+
+
+def _budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", default="full", type=budget_choice, metavar="BUDGET", help=BUDGET_HELP)
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    """``-v``/``-q`` after the subcommand too (``leakbench run quick -v``); summed with the ones before it."""
+    parser.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=0,
+                        help="log more: -v info, -vv debug (leakbench's own messages)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar; log errors only")
+
+
+def configure_logging(verbose: int, *, quiet: bool = False) -> None:
+    """leakbench's own loggers (``leakbench.*``) to stderr: warnings by default, -v info, -vv debug, -q errors.
+    The root logger is left alone, so other libraries (PIL, matplotlib, ...) stay at their own levels."""
+    logger = logging.getLogger("leakbench")
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logger.setLevel(level)
+    if not any(getattr(h, "leakbench_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.leakbench_cli = True
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def _execution_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("execution (results do not depend on these, up to floating-point order)")
     group.add_argument("--executor", default="local", choices=EXECUTORS,
                        help="local: this process; processes: one worker per GPU (or --workers CPU workers); "
@@ -274,33 +387,45 @@ def _execution_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from leakbench import __version__
+
     parser = argparse.ArgumentParser(prog="leakbench", description="Audit how much federated-learning updates leak.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"leakbench {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more: -v info, -vv debug (leakbench's own messages; also after the subcommand)")
+    parser.add_argument("-q", "--quiet", dest="top_quiet", action="store_true",
+                        help="no progress bar; log errors only (also after the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite (resumes from the store), then write its reports")
-    run.add_argument("suite", help="path of a suite TOML file")
+    run.add_argument("suite", help="a built-in suite's name (leakbench list suites) or the path of a suite TOML file")
     run.add_argument("--out", help="directory of the store and reports (default: results/<suite name>)")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--retry-failed", action="store_true", help="run again the attack runs that failed before")
-    run.add_argument("--budget", default="full", choices=("full", "smoke"),
-                     help="smoke: 2 images, 4 iterations, 1 restart, 1 epoch — checks that every cell runs, says nothing about leakage")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _budget_option(run)
+    _output_options(run)
     _execution_options(run)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a suite without running anything")
-    check.add_argument("suite")
-    check.add_argument("--budget", default="full", choices=("full", "smoke"))
+    check.add_argument("suite", help="a built-in suite's name (leakbench list suites) or the path of a suite TOML file")
+    _budget_option(check)
+    _output_options(check)
     check.set_defaults(func=cmd_check)
 
     lst = sub.add_parser("list", help="list registered components")
-    lst.add_argument("kind", nargs="?", help="victim, defense, attack, labels, protocol or dataset")
+    lst.add_argument("kind", nargs="?", help="suites (the built-in suites), or a registry: victim, defense, attack, "
+                                             "labels, protocol, dataset, generator or prior_data; all registries "
+                                             "when left out")
     lst.add_argument("pattern", nargs="?", default="*", help="shell wildcard, e.g. 'resnet*'")
+    _output_options(lst)
     lst.set_defaults(func=cmd_list)
 
     rep = sub.add_parser("report", help="write leaderboards and the HTML report from a store")
-    rep.add_argument("--out", required=True, help="directory holding leakbench.sqlite; reports are written there")
+    rep.add_argument("dir", nargs="?", metavar="OUT", help="the results directory (as --out)")
+    rep.add_argument("--out", help="the results directory, as run's --out: it holds leakbench.sqlite; reports are "
+                                   "written there")
+    _output_options(rep)
     rep.add_argument("--suite-hash", help="which suite in the store (default: the latest run's)")
     rep.set_defaults(func=cmd_report)
 
@@ -309,8 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare the worst cases of two stores (BASE NEW), or of two suites in one store (BASE "
                     "--base-hash H1 --new-hash H2). Prints Markdown for a pull-request comment. Exit 0: no row's "
                     "leakage grew beyond the tolerance; 1: one did; 2: bad input.")
-    cmp.add_argument("base", help="store directory (or leakbench.sqlite) of the base results")
-    cmp.add_argument("new", nargs="?", help="store directory of the new results (default: BASE, with two hashes)")
+    cmp.add_argument("base", nargs="?", help="results directory (or leakbench.sqlite) of the base results")
+    cmp.add_argument("new", nargs="?", help="results directory of the new results (default: BASE, with two hashes)")
+    cmp.add_argument("--base", dest="base_dir", metavar="DIR", help="the base results directory (as BASE)")
+    cmp.add_argument("--out", dest="new_dir", metavar="DIR",
+                     help="the new results directory, as run's --out (as NEW): leakbench compare --base OLD --out NEW")
+    _output_options(cmp)
     cmp.add_argument("--base-hash", help="suite hash in BASE (default: its latest run's)")
     cmp.add_argument("--new-hash", help="suite hash in NEW (default: its latest run's)")
     cmp.add_argument("--tolerance-db", type=float, default=1.0,
@@ -327,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Certify a suite's rows against leakage limits, reading the store under --out and running the "
                     "(cell, attack) pairs it lacks. Writes certificate.md (evidence PNGs under certificate/) and "
                     "certificate.html there. Exit 0: every row passes; 1: a row fails; 2: bad input.")
-    cert.add_argument("suite", help="path of a suite TOML file")
+    cert.add_argument("suite", help="a built-in suite's name (leakbench list suites) or the path of a suite TOML file")
     cert.add_argument("--out", help="directory of the store and certificate (default: results/<suite name>)")
     cert.add_argument("--max-psnr", type=float, help="every image's worst-case PSNR must be at most this, dB")
     cert.add_argument("--max-leak-rate", type=float, help="the leak rate (at the suite's threshold) must be at most this share")
@@ -338,16 +467,22 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--evidence", type=int, default=3, help="most-leaking images shown per row (default 3)")
     cert.add_argument("--no-run", action="store_true", help="never run attacks: exit 2 if the store lacks some")
     cert.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    cert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _output_options(cert)
     _execution_options(cert)
     cert.set_defaults(func=cmd_certify)
+
+    init = sub.add_parser("init", help="write a commented starter suite NAME.toml (never overwrites a file)")
+    init.add_argument("name", help="the suite's name (writes NAME.toml here), or a path ending in .toml")
+    _output_options(init)
+    init.set_defaults(func=cmd_init)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2) if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args.verbose += getattr(args, "sub_verbose", 0)
+    args.quiet = getattr(args, "quiet", False) or args.top_quiet
+    configure_logging(args.verbose, quiet=args.quiet)
     return args.func(args)
 
 

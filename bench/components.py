@@ -12,7 +12,9 @@ def registries() -> dict:
     import leakbench.flower.recorded  # noqa: F401  registers the "recorded" protocol (a real client's update)
     from leakbench.defenses import DEFENSES
     from leakbench.victims import CONTEXT_PARAMS, VICTIMS
+    from leakbench.plugins import load_entry_points
 
+    load_entry_points()  # installed plug-ins (the leakbench.plugins entry points), once per process
     return {
         "dataset": DATASETS,
         "victim": VICTIMS,
@@ -25,6 +27,10 @@ def registries() -> dict:
 
 
 def listable() -> dict[str, Registry]:
+    """Every registry `leakbench list` shows: the suite's components, and the generators and prior
+    data sets that generative-prior attacks name in their ``prior`` tables."""
+    from leakbench.generators import GENERATORS, PRIOR_DATA
+
     regs = registries()
     regs.pop("victim_context")
-    return regs
+    return {**regs, "generator": GENERATORS, "prior_data": PRIOR_DATA}

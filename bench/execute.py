@@ -175,6 +175,9 @@ class Worker:
         self.device = device
         self.max_pack = max(1, int(max_pack))
         self.memory_share = memory_share
+        from leakbench.plugins import load_plugins
+
+        load_plugins(getattr(suite, "plugins", ()))  # a worker process imports the suite's plug-ins itself
         self.dataset = components.registries()["dataset"].build(suite.dataset.name, **suite.dataset.kwargs())
         self.victims = _Cache()
         self._lpips = None

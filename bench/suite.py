@@ -162,6 +162,8 @@ class Suite:
     # The [utility] table: a short FL training per (victim, defense, protocol) whose test
     # accuracy goes into the cells' defense info (leakbench.utility); None without the table.
     utility: UtilitySpec | None = None
+    # [suite] plugins: modules imported before validation and in every worker (leakbench.plugins)
+    plugins: tuple[str, ...] = ()
 
     def work_items(self) -> int:
         return sum(len(c.attacks) for c in self.cells)
@@ -353,7 +355,7 @@ def _component(
 # --------------------------------------------------------------------------- loading
 
 
-SUITE_KEYS = ("name", "description", "seed", "images", "trials", "leak_threshold")
+SUITE_KEYS = ("name", "description", "seed", "images", "trials", "leak_threshold", "plugins")
 CASE_KEYS = ("victim", "defense", "protocol", "labels", "attacks", "battery", "trials", "note", "images")
 ATTACK_EXTRA_KEYS = ("labels", "timeout_s")
 VICTIM_EXTRA_KEYS = ("state", "recipe")
@@ -368,10 +370,13 @@ SMOKE_CAPS = {"iterations": 4, "restarts": 1, "epochs": 1, "trials": 1}
 
 
 def load_suite(path: str | Path, *, budget: str = "full") -> Suite:
-    """Read and validate a suite file; raises ``SuiteError`` listing every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise SuiteError(str(path), [("", "no such file; give the path of a suite TOML file (see suites/)")])
+    """Read and validate a suite file, or a built-in suite by name; raises ``SuiteError`` listing every problem."""
+    from leakbench import catalog
+
+    found = catalog.resolve(path)  # a file, else a built-in suite's name (`quick`)
+    if found is None:
+        raise SuiteError(str(path), [("", catalog.unknown_message(path))])
+    path = found
     text = path.read_text(encoding="utf-8")
     return parse_suite(text, source=str(path), budget=budget)
 
@@ -437,8 +442,9 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
     # Imported here so that `leakbench.suite` stays importable without pulling every component.
     from leakbench import components
 
-    reg = components.registries()
     c = _Checker()
+    plugins = _plugins(c, raw)  # before the registries are read: plug-ins register components
+    reg = components.registries()
     c.budget = budget  # components whose expansion depends on the budget (batteries) read it here
     c.table(raw, "", allowed=("suite", "threat_model", "dataset", "case", "utility"),
             required=("suite", "dataset", "case"))
@@ -558,8 +564,27 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
     return Suite(
         name=name, description=description, seed=seed, images=images, trials=trials, threat=threat,
         leak_threshold=threshold, dataset=dataset_spec, cells=tuple(cells), source_text=text,
-        hash=short_hash(identity), budget=budget, utility=utility,
+        hash=short_hash(identity), budget=budget, utility=utility, plugins=plugins,
     )
+
+
+def _plugins(c: _Checker, raw: Mapping) -> tuple[str, ...]:
+    """``[suite] plugins``: module names to import first (``leakbench.plugins``); each failure is a problem."""
+    from leakbench.plugins import PluginError, import_plugins
+
+    suite = raw.get("suite")
+    if not isinstance(suite, dict) or "plugins" not in suite:
+        return ()
+    names = suite["plugins"]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        c.add("suite.plugins", f"must be a list of module names, e.g. [\"my_components\"], got {names!r}")
+        return ()
+    for j, name in enumerate(names):
+        try:
+            import_plugins([name])
+        except PluginError as err:
+            c.add(f"suite.plugins[{j}]", str(err))
+    return tuple(names)
 
 
 def _case_images(c: _Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...] | None:

@@ -26,6 +26,7 @@ import os
 import platform
 import socket
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib import metadata
 from typing import Any, Iterable, Iterator
@@ -62,6 +63,19 @@ def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def plugin_env(modules, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``PYTHONPATH`` for Ray workers: the folders of the suite's plug-in modules (``leakbench.plugins``),
+    then the driver's own ``PYTHONPATH``; empty without plug-ins."""
+    from leakbench.plugins import module_roots
+
+    roots = module_roots(modules)
+    if not roots:
+        return {}
+    environ = os.environ if environ is None else environ
+    extra = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(roots + extra))}
+
+
 def versions() -> dict[str, str]:
     out = {"torch": torch.__version__}
     try:
@@ -90,6 +104,33 @@ def _run_pack(suite: Suite, pack: Pack, device_kind: str, max_pack: int, acceler
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info, events
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is 127.0.0.1 (as on a laptop)
+
+
+@contextmanager
+def loopback_only():
+    """While a local Ray instance starts: its node address is 127.0.0.1, so the GCS, raylets, object
+    store and workers listen on the loopback interface only, never on the machine's network. Ray reads
+    the setting at import (this process) and from the environment (the processes it starts); both are
+    put back afterwards, so a later connection to a real cluster from this process is unaffected."""
+    from ray._private import ray_constants
+
+    before_env = os.environ.get(LOOPBACK_ENV)
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[LOOPBACK_ENV] = "0"
+    if before is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before_env
+        if before is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _check_reachable(address: str) -> None:
@@ -123,6 +164,7 @@ class RayExecutor:
         self.max_retries = max_retries
         self.address = address
         self.env = worker_env()
+        self.env.update(plugin_env(getattr(suite, "plugins", ())))
         self._started = False
         self._connect(address, workers)
         self.where = (f"cluster at {address}" if address and self._started
@@ -164,7 +206,11 @@ class RayExecutor:
             if self.device.type != "cuda" and workers:
                 kwargs["num_cpus"] = workers
         try:
-            ray.init(**kwargs)
+            if address:
+                ray.init(**kwargs)
+            else:
+                with loopback_only():
+                    ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             hint = ""

