@@ -116,6 +116,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
+#: the cells columns of the ReRo bound (schema 3; leakbench.privacy.cells fills them)
+_RERO_COLUMNS = ("rero_kappa", "rero_kappa_upper", "rero_gamma_observed", "rero_gamma_training", "rero_json")
+
+
 class StoreError(RuntimeError):
     """A store that cannot be used, with what to do about it."""
 
@@ -336,11 +340,13 @@ class Store:
 
     def results(self, suite_hash: str) -> list[sqlite3.Row]:
         """Every result row of a suite joined with its cell's description."""
+        # a store opened read-only is not migrated: columns added by a later schema are read where present
+        cell_columns = {r[1] for r in self.conn.execute("PRAGMA table_info(cells)")}
+        rero = "".join(f", c.{name}" for name in _RERO_COLUMNS if name in cell_columns)
         return self.conn.execute(
             "SELECT r.*, c.case_index, c.dataset, c.victim, c.victim_label, c.victim_json, c.defense, c.defense_label,"
             " c.defense_json, c.defense_info_json, c.protocol, c.protocol_json, c.batch_size, c.bn_mode, c.batch_index,"
-            " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json,"
-            " c.rero_kappa, c.rero_kappa_upper, c.rero_gamma_observed, c.rero_gamma_training, c.rero_json"
+            " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json" + rero +
             " FROM results r JOIN cells c ON c.suite_hash = r.suite_hash AND c.cell_key = r.cell_key"
             " WHERE r.suite_hash = ? ORDER BY c.case_index, c.victim_label, c.defense_label, c.batch_index, c.trial,"
             " r.attack, r.image_slot",
