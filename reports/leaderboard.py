@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from leakbench.reports.rero import RERO_BOARD_COLUMNS, RERO_NOTE, has_rero, rero_row, rero_text
+from leakbench.reports.rero import RERO_BOARD_COLUMNS, RERO_FLAG, RERO_NOTE, has_rero, rero_row, rero_text
 from leakbench.store import STORE_FILENAME, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ _INT_COLUMNS = ("batch_size", "images", "cells", "leaked_images", "rows", "faile
                 "flagged_rows", "flagged_cells")
 _TEXT_COLUMNS = ("victim", "defense", "protocol", "leak_threshold", "rero_note", "defense_notes", "victim_state",
                  "victim_notes", "flags", "battery", "lpips_note")
-_BOOL_COLUMNS = ("oracle_labels", "shared_bn_stats")
+_BOOL_COLUMNS = ("oracle_labels", "shared_bn_stats", "rero_exceeded")
 
 
 def leaderboard(results: ResultSet) -> pd.DataFrame:
@@ -420,6 +420,9 @@ def leaderboard(results: ResultSet) -> pd.DataFrame:
             shared_bn_stats=bool((group["threat_bn_stats"] == ORACLE_VALUES["bn_stats"]).any()),
             lpips_note=_lpips_note(ok),
         )
+        if record["rero_exceeded"]:  # measured above the ReRo ceiling: the row's guarantee is in doubt
+            record["flags"] = "; ".join(f for f in (record["flags"], f"{RERO_FLAG}: measured leak rate above the "
+                                                     "ReRo ceiling gamma") if f)
         for label in attacks:
             by_attack = ok[ok["attack_label"] == label]
             record[attack_column(label)] = _mean(by_attack.groupby("image_id")["psnr_db"].max())
@@ -696,7 +699,8 @@ def optional_columns(board: pd.DataFrame) -> dict[str, bool]:
         "accuracy": any_number("utility_accuracy"),
         "defense_notes": any_text("defense_notes"),
         "victim": any_text("victim_state") or any_number("victim_test_accuracy"),
-        "flags": bool(len(board)) and bool((board["flagged_rows"] + board["flagged_cells"]).sum() > 0),
+        "flags": bool(len(board)) and (bool((board["flagged_rows"] + board["flagged_cells"]).sum() > 0)
+                                       or bool(board["rero_exceeded"].any())),
         "battery": any_text("battery") and set(board["battery"]) != {NO_BATTERY},
     }
 

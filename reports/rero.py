@@ -11,7 +11,9 @@ into each leaderboard row:
   its one-sided Clopper–Pearson upper limit (the γ's are computed at the limit);
 - ``leak_rate_cp_lo``/``leak_rate_cp_hi``: the exact (Clopper–Pearson) 95% interval of the
   leak rate, comparable with γ at any number of images (a bootstrap of 0/4 is [0, 0]);
-- ``rero_note``: the bound, accountant and prior, or why a row has no bound.
+- ``rero_note``: the bound, accountant and prior, or why a row has no bound;
+- ``rero_exceeded``: the sanity flag ``rero_exceeded`` (bench/sanity.py): the measured rate's
+  one-sided 95% Clopper–Pearson lower limit is above γ seen, which a true guarantee forbids.
 
 Over the cells of a row the weakest guarantee wins (the largest γ and κ). No torch here.
 """
@@ -24,13 +26,15 @@ from typing import Any
 
 import pandas as pd
 
-from leakbench.privacy.rero import clopper_pearson
+from leakbench.privacy.rero import clopper_pearson, exceeds_ceiling
 
 #: two-sided level of the leak rate's exact interval (each side 97.5%)
 LEAK_INTERVAL_LEVEL = 0.95
 RERO_NUMBER_COLUMNS = ("rero_gamma_observed", "rero_gamma_training", "rero_kappa", "rero_kappa_upper",
                        "leak_rate_cp_lo", "leak_rate_cp_hi")
-RERO_BOARD_COLUMNS = (*RERO_NUMBER_COLUMNS, "rero_note")
+RERO_BOARD_COLUMNS = (*RERO_NUMBER_COLUMNS, "rero_note", "rero_exceeded")
+#: the sanity flag a row gets when its measured rate is above its ceiling (bench/sanity.py documents it)
+RERO_FLAG = "rero_exceeded"
 RERO_NOTE = ("ReRo γ: a provable ceiling on the probability that any reconstruction attack meets the leak criterion "
              "(γ = 1 − f(κ), Balle et al. 2022; Hayes et al. 2023), from the defense's declared DP guarantee: "
              "'seen' for the update(s) the server saw (q = 1), 'training' for the declared training (its steps and "
@@ -60,6 +64,7 @@ def rero_row(cells: pd.DataFrame, leaked: pd.Series) -> dict[str, Any]:
     """The ReRo columns of one leaderboard row from its cells and its images' ``leaked`` values."""
     out: dict[str, Any] = {c: math.nan for c in RERO_NUMBER_COLUMNS}
     out["rero_note"] = ""
+    out["rero_exceeded"] = False
     infos = []
     for text in cells.get("rero_json", pd.Series(dtype=object)):
         try:
@@ -78,7 +83,9 @@ def rero_row(cells: pd.DataFrame, leaked: pd.Series) -> dict[str, Any]:
             values = [v for v in (_number(x) for x in cells[column]) if not math.isnan(v)]
             out[column] = max(values) if values else math.nan
     if not leaked.isna().any() and len(leaked):
-        out["leak_rate_cp_lo"], out["leak_rate_cp_hi"] = leak_interval(int(leaked.astype(bool).sum()), len(leaked))
+        count = int(leaked.astype(bool).sum())
+        out["leak_rate_cp_lo"], out["leak_rate_cp_hi"] = leak_interval(count, len(leaked))
+        out["rero_exceeded"] = exceeds_ceiling(count, len(leaked), out["rero_gamma_observed"])
     out["rero_note"] = _describe(infos)
     return out
 

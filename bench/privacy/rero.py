@@ -186,3 +186,16 @@ def clopper_pearson(successes: int, trials: int, *, confidence: float = 0.95, si
     if side == "lower":
         return 0.0 if successes == 0 else float(stats.beta.ppf(1 - confidence, successes, trials - successes + 1))
     raise ValueError(f"side: 'upper' or 'lower', got {side!r}")
+
+
+#: confidence of the one-sided test behind the ``rero_exceeded`` sanity flag
+FLAG_CONFIDENCE = 0.95
+
+
+def exceeds_ceiling(leaked: int, images: int, gamma: float, *, confidence: float = FLAG_CONFIDENCE) -> bool:
+    """Whether ``leaked`` of ``images`` is more than the ceiling γ allows: the one-sided Clopper–Pearson
+    lower limit of the measured rate lies above γ. A true guarantee makes this happen with probability
+    at most 1 − ``confidence``; more often, the defense does not do what it declares (or a parameter is wrong)."""
+    if images < 1 or math.isnan(gamma):
+        return False
+    return clopper_pearson(leaked, images, confidence=confidence, side="lower") > gamma
