@@ -11,6 +11,7 @@ into each leaderboard row:
   its one-sided Clopper–Pearson upper limit (the γ's are computed at the limit);
 - ``leak_rate_cp_lo``/``leak_rate_cp_hi``: the exact (Clopper–Pearson) 95% interval of the
   leak rate, comparable with γ at any number of images (a bootstrap of 0/4 is [0, 0]);
+- ``rero_noise_multiplier``, ``rero_steps_observed``: σ and the T of what the server saw;
 - ``rero_note``: the bound, accountant and prior, or why a row has no bound;
 - ``rero_exceeded``: the sanity flag ``rero_exceeded`` (bench/sanity.py): the measured rate's
   one-sided 95% Clopper–Pearson lower limit is above γ seen, which a true guarantee forbids.
@@ -31,7 +32,7 @@ from leakbench.privacy.rero import clopper_pearson, exceeds_ceiling
 #: two-sided level of the leak rate's exact interval (each side 97.5%)
 LEAK_INTERVAL_LEVEL = 0.95
 RERO_NUMBER_COLUMNS = ("rero_gamma_observed", "rero_gamma_training", "rero_kappa", "rero_kappa_upper",
-                       "leak_rate_cp_lo", "leak_rate_cp_hi")
+                       "leak_rate_cp_lo", "leak_rate_cp_hi", "rero_noise_multiplier", "rero_steps_observed")
 RERO_BOARD_COLUMNS = (*RERO_NUMBER_COLUMNS, "rero_note", "rero_exceeded")
 #: the sanity flag a row gets when its measured rate is above its ceiling (bench/sanity.py documents it)
 RERO_FLAG = "rero_exceeded"
@@ -86,6 +87,11 @@ def rero_row(cells: pd.DataFrame, leaked: pd.Series) -> dict[str, Any]:
         count = int(leaked.astype(bool).sum())
         out["leak_rate_cp_lo"], out["leak_rate_cp_hi"] = leak_interval(count, len(leaked))
         out["rero_exceeded"] = exceeds_ceiling(count, len(leaked), out["rero_gamma_observed"])
+    with_bound = [info for info in infos if "observed" in info]
+    if with_bound:  # the weakest cell's parameters (the largest gamma seen)
+        weakest = max(with_bound, key=lambda i: i["observed"]["gamma"])
+        out["rero_noise_multiplier"] = float(weakest["guarantee"]["noise_multiplier"])
+        out["rero_steps_observed"] = float(weakest["observed"]["steps"])
     out["rero_note"] = _describe(infos)
     return out
 
@@ -99,8 +105,8 @@ def _describe(infos: list[dict[str, Any]]) -> str:
     kappa, seen, training = info["kappa"], info["observed"], info["training"]
     g = info["guarantee"]
     text = (f"ReRo bound (gamma = 1 - f(kappa)); guarantee: sigma={g['noise_multiplier']:g}, C={g['clipping_norm']:g}, "
-            f"declared q={g['sample_rate']:g}, T={g['steps']}, delta={g['delta']:g}; seen: T={seen['steps']}, q=1 "
-            f"({seen['library']}); training: ({training['library']}); kappa estimated on {kappa['prior']} for "
+            f"declared q={g['sample_rate']:g}, T={g['steps']}, delta={g['delta']:g}; seen: T={seen['steps']}, q=1, "
+            f"{seen['method']} ({seen['library']}); training: {training['method']} ({training['library']}); kappa estimated on {kappa['prior']} for "
             f"{kappa['criterion']}: {kappa['successes']}/{kappa['trials']} by {kappa['best_guess']}, "
             f"{kappa['confidence']:.0%} upper limit {kappa['kappa_upper']:.3g} (n={kappa['sample_size']})")
     return "; ".join(dict.fromkeys([text, *notes]))
