@@ -106,3 +106,35 @@ def test_kappa_of_distinct_noise_images_is_small_and_its_limit_above():
     # a loose criterion: the mean image is the best guess
     loose = estimate_kappa(images, None, metric="psnr_db", value=7.0)
     assert loose.best_guess == "mean image" and loose.kappa > 0.5
+
+
+SUITE = """
+[suite]
+name = "rero_table"
+images = 2
+[dataset]
+name = "photos"
+side = 16
+{rero}
+[[case]]
+victim = "fc"
+defense = {{ name = "dp_sgd", noise_multiplier = 1.0 }}
+protocol = {{ name = "fedsgd", batch_size = 1 }}
+labels = "idlg"
+[[case.attacks]]
+name = "analytic_fc"
+"""
+
+
+def test_rero_table_names_the_prior_and_is_checked():
+    from leakbench.suite import SuiteError, parse_suite
+
+    plain = parse_suite(SUITE.format(rero=""))
+    named = parse_suite(SUITE.format(rero='[rero]\nprior = { name = "photos", split = "public" }\nconfidence = 0.9'))
+    assert plain.rero is None
+    assert named.rero.prior == "photos" and named.rero.prior_params == {"split": "public", "side": 16}
+    assert named.rero.confidence == 0.9 and named.hash != plain.hash
+    with pytest.raises(SuiteError) as err:
+        parse_suite(SUITE.format(rero='[rero]\nprior = { name = "photos", split = "attack" }\nconfidence = 2.0'))
+    text = str(err.value)
+    assert "rero.confidence" in text and "rero.prior" in text and "attacked images" in text
