@@ -204,7 +204,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         from leakbench.reports.certify import Limits
 
         limits = Limits(max_psnr_db=args.max_psnr, max_leak_rate=args.max_leak_rate, max_ssim=args.max_ssim,
-                        min_lpips=args.min_lpips, allow_failures=args.allow_failures)
+                        min_lpips=args.min_lpips, allow_failures=args.allow_failures, max_rero=args.max_rero)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--max-leak-rate", type=float, help="the leak rate (at the suite's threshold) must be at most this share")
     cert.add_argument("--max-ssim", type=float, help="every image's worst-case SSIM must be at most this")
     cert.add_argument("--min-lpips", type=float, help="every image's worst-case LPIPS must be at least this")
+    cert.add_argument("--max-rero", type=float, metavar="GAMMA",
+                      help="pass a row whose defense declares a DP guarantee when its ReRo ceiling gamma for what the "
+                           "server saw is at most GAMMA (certified by the guarantee, whatever the attacks did)")
     cert.add_argument("--allow-failures", action="store_true",
                       help="pass rows with failed attack runs (they count as no leak); by default they fail as inconclusive")
     cert.add_argument("--evidence", type=int, default=3, help="most-leaking images shown per row (default 3)")

@@ -245,12 +245,26 @@ class Worker:
             log.warning("cell %s: %s", cell.key, error)
         flags = sanity.update_flags(observation) if observation is not None else []
         checks = error is None and sanity.checks_leak(defense=cell.defense.name, batch_size=batch.size)
+        fields = cell_fields(cell, batch.size, defense_info, victim_info, flags)
+        if error is None:
+            fields.update(self._rero(cell, defense, observation))
         event = CellEvent(
-            cell_key=cell.key, fields=cell_fields(cell, batch.size, defense_info, victim_info, flags),
+            cell_key=cell.key, fields=fields,
             truth_pngs=truth_pngs,
             leak_check=(checks, sanity.grey_psnr_db(batch.images)[0] if checks else 0.0),
         )
         return _Prepared(cell=cell, batch=batch, observation=observation, client_model=client_model, error=error), event
+
+    def _rero(self, cell: Cell, defense, observation) -> dict:
+        """The ReRo columns (kappa, gamma) of a cell whose defense declares a DP guarantee (leakbench.privacy)."""
+        from leakbench.privacy.cells import cell_rero
+
+        threshold = getattr(self.suite, "leak_threshold", None)
+        if threshold is None:
+            return {}
+        return cell_rero(defense, local_steps=int(getattr(observation, "local_steps", 1) or 1), threshold=threshold,
+                         dataset_name=cell.dataset.name, dataset_params=cell.dataset.kwargs(),
+                         spec=getattr(self.suite, "rero", None))
 
     def _fl_utility(self, cell: Cell) -> dict:
         """The suite's optional test accuracy after a short FL training with the cell's defense."""

@@ -33,6 +33,15 @@ matters.
     projection, a closed form can be ill conditioned), so the scored image is the clamp of
     something that is not an image; its score may flatter or wrong the attack. A high rate
     of this flag for one attack suggests a box penalty or a smaller learning rate.
+
+``rero_exceeded`` (leaderboard row; the reports raise it from the store)
+    Raised if: the row's defense declares a differential-privacy guarantee and the measured
+    leak rate exceeds its ReRo ceiling γ for what the server saw beyond the rate's sampling
+    interval: the one-sided 95% Clopper–Pearson lower limit of leaked / images is above γ
+    (``leakbench.privacy.rero.exceeds_ceiling``).
+    Explanation: no attack can beat γ if the guarantee holds, so the defense does not do
+    what it declares (less noise, no clipping), a parameter is wrong, or κ̂ underestimates
+    the prior's best guess. The guarantee of that row cannot be relied on until it is found.
 """
 
 from __future__ import annotations
@@ -71,6 +80,11 @@ FLAGS: dict[str, Flag] = {
         f"more than {PIXEL_RANGE_SHARE:.0%} of the reconstruction's values were more than {PIXEL_RANGE_TOLERANCE:.3f} "
         "outside [0, 1] before clamping",
         "the attack optimized outside the image box; the scored image is a clamp"),
+    "rero_exceeded": Flag(
+        "rero_exceeded", "leaderboard row",
+        "the measured leak rate's one-sided 95% Clopper-Pearson lower limit lies above the row's ReRo ceiling gamma "
+        "for what the server saw",
+        "no attack beats a true guarantee: the defense does not do what it declares, or a parameter is wrong"),
 }
 
 

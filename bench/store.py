@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from leakbench.core.vocabulary import STATUSES  # shared with the reports (torch-free)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STORE_FILENAME = "leakbench.sqlite"
 
 _SCHEMA = """
@@ -58,6 +58,11 @@ CREATE TABLE IF NOT EXISTS cells (
     trial INTEGER NOT NULL,
     threat_labels TEXT NOT NULL,
     threat_bn_stats TEXT NOT NULL,
+    rero_kappa REAL,                 -- ReRo baseline kappa for the leak criterion, estimated on a public prior
+    rero_kappa_upper REAL,           -- its one-sided Clopper-Pearson upper limit (the gammas use it)
+    rero_gamma_observed REAL,        -- ReRo ceiling for what the server saw (DP rows only)
+    rero_gamma_training REAL,        -- ReRo ceiling for the defense's declared training (DP rows only)
+    rero_json TEXT NOT NULL DEFAULT '{}',  -- parameters, prior, method and library of the numbers above
     PRIMARY KEY (suite_hash, cell_key)
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -106,7 +111,14 @@ CREATE TABLE IF NOT EXISTS images (
 #: statements that take a store from schema version i to i + 1 (old rows keep their numbers)
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE results ADD COLUMN execution_json TEXT NOT NULL DEFAULT '{}'",),
+    2: ("ALTER TABLE cells ADD COLUMN rero_kappa REAL", "ALTER TABLE cells ADD COLUMN rero_kappa_upper REAL",
+        "ALTER TABLE cells ADD COLUMN rero_gamma_observed REAL", "ALTER TABLE cells ADD COLUMN rero_gamma_training REAL",
+        "ALTER TABLE cells ADD COLUMN rero_json TEXT NOT NULL DEFAULT '{}'"),
 }
+
+
+#: the cells columns of the ReRo bound (schema 3; leakbench.privacy.cells fills them)
+_RERO_COLUMNS = ("rero_kappa", "rero_kappa_upper", "rero_gamma_observed", "rero_gamma_training", "rero_json")
 
 
 class StoreError(RuntimeError):
@@ -329,10 +341,13 @@ class Store:
 
     def results(self, suite_hash: str) -> list[sqlite3.Row]:
         """Every result row of a suite joined with its cell's description."""
+        # a store opened read-only is not migrated: columns added by a later schema are read where present
+        cell_columns = {r[1] for r in self.conn.execute("PRAGMA table_info(cells)")}
+        rero = "".join(f", c.{name}" for name in _RERO_COLUMNS if name in cell_columns)
         return self.conn.execute(
             "SELECT r.*, c.case_index, c.dataset, c.victim, c.victim_label, c.victim_json, c.defense, c.defense_label,"
             " c.defense_json, c.defense_info_json, c.protocol, c.protocol_json, c.batch_size, c.bn_mode, c.batch_index,"
-            " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json"
+            " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json" + rero +
             " FROM results r JOIN cells c ON c.suite_hash = r.suite_hash AND c.cell_key = r.cell_key"
             " WHERE r.suite_hash = ? ORDER BY c.case_index, c.victim_label, c.defense_label, c.batch_index, c.trial,"
             " r.attack, r.image_slot",

@@ -25,6 +25,7 @@ from leakbench.core.registry import Entry
 from leakbench.core.vocabulary import THRESHOLD_METRICS, Threshold
 
 if typing.TYPE_CHECKING:
+    from leakbench.privacy.cells import ReroSpec
     from leakbench.utility import UtilitySpec
     from leakbench.victims.training import Recipe
 
@@ -164,6 +165,8 @@ class Suite:
     utility: UtilitySpec | None = None
     # [suite] plugins: modules imported before validation and in every worker (leakbench.plugins)
     plugins: tuple[str, ...] = ()
+    # The [rero] table: the prior kappa is estimated on (leakbench.privacy.cells); None: the default prior.
+    rero: ReroSpec | None = None
 
     def work_items(self) -> int:
         return sum(len(c.attacks) for c in self.cells)
@@ -446,7 +449,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
     plugins = _plugins(c, raw)  # before the registries are read: plug-ins register components
     reg = components.registries()
     c.budget = budget  # components whose expansion depends on the budget (batteries) read it here
-    c.table(raw, "", allowed=("suite", "threat_model", "dataset", "case", "utility"),
+    c.table(raw, "", allowed=("suite", "threat_model", "dataset", "case", "utility", "rero"),
             required=("suite", "dataset", "case"))
 
     s = c.table(raw.get("suite", {}), "suite", allowed=SUITE_KEYS, required=("name",))
@@ -485,6 +488,12 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
 
         utility = parse_utility(c, raw["utility"], "utility", reg, dataset=dataset, dataset_spec=dataset_spec,
                                 budget=budget)
+
+    rero = None
+    if "rero" in raw:  # the prior kappa is estimated on (leakbench.privacy.cells)
+        from leakbench.privacy.cells import parse_rero
+
+        rero = parse_rero(c, raw["rero"], "rero", reg, dataset=dataset, dataset_spec=dataset_spec)
 
     cases = raw.get("case", [])
     if not isinstance(cases, list) or not cases:
@@ -561,10 +570,12 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
     }
     if utility is not None:  # the cells' rows hold its accuracies: other settings, other results
         identity["utility"] = utility.identity()
+    if rero is not None:  # the cells store kappa and gamma for this prior
+        identity["rero"] = rero.identity()
     return Suite(
         name=name, description=description, seed=seed, images=images, trials=trials, threat=threat,
         leak_threshold=threshold, dataset=dataset_spec, cells=tuple(cells), source_text=text,
-        hash=short_hash(identity), budget=budget, utility=utility, plugins=plugins,
+        hash=short_hash(identity), budget=budget, utility=utility, plugins=plugins, rero=rero,
     )
 
 

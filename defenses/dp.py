@@ -40,6 +40,7 @@ from torch import nn
 from leakbench.core import Defense, ParamError
 from leakbench.defenses.common import generator_on
 from leakbench.defenses.registry import DEFENSES
+from leakbench.privacy.rero import DPGuarantee
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class OpacusClipping(Defense):
         self.randomized = noise_multiplier > 0
         self.replaced: list[tuple[str, str, str]] = []
         self.steps_taken = 0
+        if noise_multiplier == 0:
+            self.no_dp_reason = "clipping only (noise_multiplier 0): no differential-privacy guarantee"
 
     # -- hook 1: the model Opacus can train privately ------------------------------------
 
@@ -179,6 +182,13 @@ class DPSGD(OpacusClipping):
         self.sample_rate = sample_rate
         self.steps = steps
 
+    def dp_guarantee(self) -> DPGuarantee | None:
+        """Gaussian noise σ·C on the sum of per-example gradients clipped to C, over the stated training."""
+        if self.noise_multiplier == 0:
+            return None
+        return DPGuarantee(noise_multiplier=self.noise_multiplier, clipping_norm=self.max_grad_norm,
+                           sample_rate=self.sample_rate, steps=self.steps, delta=self.delta)
+
     def privacy(self) -> dict[str, Any]:
         info: dict[str, Any] = {"delta": self.delta, "accountant_sample_rate": self.sample_rate,
                                 "accountant_steps": self.steps}
@@ -217,6 +227,8 @@ class UpdateClipping(Defense):
         norm = torch.sqrt(sum(t.double().pow(2).sum() for t in update))
         factor = min(1.0, self.max_norm / (float(norm) + 1e-12))
         return tuple(t * factor for t in update) if factor < 1.0 else update
+
+    no_dp_reason = "whole-update clipping without noise: no differential-privacy guarantee"
 
     def describe(self) -> dict[str, Any]:
         return {"max_grad_norm": self.max_norm, "per_example": False}

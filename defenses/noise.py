@@ -16,6 +16,9 @@ from leakbench.defenses.registry import DEFENSES
 class GaussianNoise(Defense):
     """Adds N(0, σ²) to every entry of the update the client sends."""
 
+    no_dp_reason = ("no clipping: the noise is not calibrated to a sensitivity, so it gives no differential-privacy "
+                    "guarantee (and no ReRo bound)")
+
     def __init__(self, *, sigma: float):
         self.sigma = sigma
         self.randomized = sigma > 0

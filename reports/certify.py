@@ -9,7 +9,12 @@ reconstructed any of these images above X dB", nothing more. Conservative by des
 - the leak rate is the suite's (its threshold is named);
 - a row with failed attack runs (error, timeout, oom) fails as *inconclusive* unless
   failures are allowed: a certificate resting on attacks that did not run is no evidence;
-- a limit whose metric is missing (LPIPS unavailable) fails as inconclusive.
+- a limit whose metric is missing (LPIPS unavailable) fails as inconclusive;
+- ``max_rero`` (``--max-rero GAMMA``) is the one limit that needs no attack: a row whose
+  defense declares a DP guarantee passes as *certified by the guarantee* when its ReRo
+  ceiling γ for what the server saw is at most GAMMA, whatever the attacks did, unless the
+  attacks contradict the guarantee (the ``rero_exceeded`` sanity flag). Every row's ReRo
+  numbers are in ``RowVerdict.rero`` (``reports/rero.py``).
 
 The evidence is each row's worst images (ground truth beside the best reconstruction),
 written as PNG files next to ``certificate.md`` and inline in ``certificate.html``.
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +56,22 @@ class Limits:
     max_ssim: float | None = None
     min_lpips: float | None = None
     allow_failures: bool = False
+    max_rero: float | None = None  # the ReRo ceiling γ (what the server saw) a DP row may have
 
     def __post_init__(self) -> None:
-        if all(v is None for v in (self.max_psnr_db, self.max_leak_rate, self.max_ssim, self.min_lpips)):
-            raise ValueError("certification needs at least one limit: --max-psnr, --max-leak-rate, --max-ssim or "
-                             "--min-lpips")
+        if all(v is None for v in (self.max_psnr_db, self.max_leak_rate, self.max_ssim, self.min_lpips,
+                                   self.max_rero)):
+            raise ValueError("certification needs at least one limit: --max-psnr, --max-leak-rate, --max-ssim, "
+                             "--min-lpips or --max-rero")
         if self.max_leak_rate is not None and not 0 <= self.max_leak_rate <= 1:
             raise ValueError(f"--max-leak-rate is a share in [0, 1], got {self.max_leak_rate}")
+        if self.max_rero is not None and not 0 <= self.max_rero <= 1:
+            raise ValueError(f"--max-rero is a success probability in [0, 1], got {self.max_rero}")
+
+    @property
+    def attack_limits(self) -> bool:
+        """Whether any limit is checked against the attacks' results."""
+        return any(v is not None for v in (self.max_psnr_db, self.max_leak_rate, self.max_ssim, self.min_lpips))
 
     def describe(self) -> list[str]:
         out = []
@@ -69,6 +83,10 @@ class Limits:
             out.append(f"every image's worst-case LPIPS ≥ {self.min_lpips:g}")
         if self.max_leak_rate is not None:
             out.append(f"leak rate ≤ {100 * self.max_leak_rate:g}%")
+        if self.max_rero is not None:
+            out.append(("or, " if self.attack_limits else "") + "for rows with a declared DP guarantee: ReRo "
+                       f"ceiling γ (what the server saw) ≤ {self.max_rero:g}, certified by the guarantee whatever "
+                       "the attacks did")
         out.append("failed attack runs allowed (they count as no leak)" if self.allow_failures
                    else "every attack run of the battery completed")
         return out
@@ -107,6 +125,10 @@ class RowVerdict:
     images: int
     failed_rows: int
     notes: tuple[str, ...] = ()
+    #: the ReRo numbers of the row (reports/rero.py), kept apart from the attack-based checks
+    rero: dict[str, Any] = field(default_factory=dict)
+    #: "guarantee" when --max-rero certified the row, "attacks" when the attack-based checks did, "" when failed
+    certified_by: str = ""
 
     @property
     def slug(self) -> str:
@@ -177,6 +199,14 @@ def _row_verdict(row: dict[str, Any], images: pd.DataFrame, limits: Limits, *, r
                             limits.allow_failures))
     else:
         checks.append(Check("every attack run completed", f"all {row['rows']} rows ok", True))
+    rero = rero_summary(row)
+    attacks_pass = limits.attack_limits and all(c.passed for c in checks)
+    guarantee_pass = False
+    if limits.max_rero is not None:
+        check = rero_check(rero, limits.max_rero)
+        guarantee_pass = check.passed
+        checks.append(check)
+    certified_by = "guarantee" if guarantee_pass else ("attacks" if attacks_pass else "")
     notes = []
     if row["flagged_rows"] or row["flagged_cells"]:
         notes.append(f"sanity flags raised: {row['flags']}; review them before relying on this verdict")
@@ -184,8 +214,57 @@ def _row_verdict(row: dict[str, Any], images: pd.DataFrame, limits: Limits, *, r
     evidence = tuple(_evidence(image, results=results, store=store)
                      for image in ordered.head(evidence_images).to_dict("records"))
     return RowVerdict(victim=row["victim"], defense=row["defense"], protocol=row["protocol"],
-                      passed=all(c.passed for c in checks), checks=tuple(checks), evidence=evidence,
-                      images=int(row["images"]), failed_rows=failed, notes=tuple(notes))
+                      passed=bool(certified_by), checks=tuple(checks), evidence=evidence,
+                      images=int(row["images"]), failed_rows=failed, notes=tuple(notes), rero=rero,
+                      certified_by=certified_by)
+
+
+def rero_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's ReRo numbers for the certificate's ``rero`` key (NaN where the row has none)."""
+    def number(key: str) -> float:
+        value = row.get(key, math.nan)
+        return math.nan if _missing(value) else float(value)
+
+    gamma = number("rero_gamma_observed")
+    note = str(row.get("rero_note") or "")
+    return {
+        "dp": not math.isnan(gamma) or (bool(note) and "no differential-privacy" not in note
+                                        and not note.startswith("no clipping")),
+        "gamma_observed": gamma, "gamma_training": number("rero_gamma_training"),
+        "kappa": number("rero_kappa"), "kappa_upper": number("rero_kappa_upper"),
+        "kappa_is_estimate": True,
+        "leak_rate": number("leak_rate"), "leak_rate_cp_lo": number("leak_rate_cp_lo"),
+        "leak_rate_cp_hi": number("leak_rate_cp_hi"), "leaked_images": int(row.get("leaked_images", 0)),
+        "images": int(row.get("images", 0)), "exceeded": bool(row.get("rero_exceeded", False)), "note": note,
+    }
+
+
+def rero_check(rero: dict[str, Any], limit: float) -> Check:
+    criterion = f"ReRo ceiling γ (what the server saw) ≤ {limit:g}"
+    if math.isnan(rero["gamma_observed"]):
+        why = rero["note"] or "no DP guarantee declared"
+        return Check(criterion, f"no bound: {why}", False)
+    parts = [p for p in rero["note"].split("; ") if p.startswith(("seen:", "kappa estimated"))]
+    observed = (f"γ = {rero['gamma_observed']:.3g} at estimated κ̂ ≤ {rero['kappa_upper']:.3g} (ReRo bound "
+                f"γ = 1 − f(κ); {'; '.join(parts)})")
+    if rero["exceeded"]:
+        return Check(criterion, observed + "; but the measured leak rate exceeds it (sanity flag rero_exceeded): "
+                                           "the guarantee is contradicted", False)
+    passed = rero["gamma_observed"] <= limit
+    return Check(criterion, observed + ("; certified by the guarantee" if passed else ""), passed)
+
+
+def has_bound(rero: dict[str, Any]) -> bool:
+    return bool(rero) and not math.isnan(rero.get("gamma_observed", math.nan))
+
+
+def rero_sentence(rero: dict[str, Any]) -> str:
+    return (f"guarantee beside evidence: the battery reconstructed {rero['leaked_images']} of {rero['images']} "
+            f"image(s) (rate {rero['leak_rate']:.3g}, exact 95% interval [{rero['leak_rate_cp_lo']:.3g}, "
+            f"{rero['leak_rate_cp_hi']:.3g}]); no attack can succeed with probability above γ = "
+            f"{rero['gamma_observed']:.3g} for what the server saw ({rero['gamma_training']:.3g} for the declared "
+            f"training), at κ̂ = {rero['kappa']:.3g} (upper limit {rero['kappa_upper']:.3g}; κ is an estimate); "
+            f"{rero['note']}")
 
 
 def _missing(value: Any) -> bool:
@@ -272,7 +351,9 @@ def certificate_markdown(certificate: Certificate, *, evidence_paths: dict[tuple
     lines += [_md_row(titles), "|---|---|---|---|---:|---|"]
     for row in certificate.rows:
         checks = "; ".join(f"{'✅' if c.passed else '❌'} {c.criterion}: {c.observed}" for c in row.checks)
-        lines.append(_md_row(["✅ pass" if row.passed else "❌ fail", row.victim, row.defense, row.protocol,
+        verdict_text = ("✅ pass (certified by the guarantee)" if row.certified_by == "guarantee"
+                        else "✅ pass" if row.passed else "❌ fail")
+        lines.append(_md_row([verdict_text, row.victim, row.defense, row.protocol,
                               str(row.images), checks]))
     lines += ["", "#### Evidence: the most-leaking images of each row", ""]
     for row in certificate.rows:
@@ -280,6 +361,8 @@ def certificate_markdown(certificate: Certificate, *, evidence_paths: dict[tuple
                      f"({'pass' if row.passed else 'fail'})")
         for note in row.notes:
             lines.append(f"- ⚠ {_md(note)}")
+        if has_bound(row.rero):
+            lines.append(f"- {_md(rero_sentence(row.rero))}")
         for index, image in enumerate(row.evidence):
             text = (f"- `{_md(image.image_id)}`: worst PSNR {_fmt(image.worst_psnr_db, 2, ' dB')}, SSIM "
                     f"{_fmt(image.worst_ssim, 3)}, LPIPS {_fmt(image.worst_lpips, 3)}"
@@ -318,6 +401,7 @@ def write_certificate(certificate: Certificate, out_dir: str | Path) -> tuple[Pa
     html = environment().get_template("certificate.html").render(
         certificate=certificate, suite_name=certificate.results.suite_name, suite_hash=certificate.results.suite_hash,
         limits=certificate.limits.describe(), flags=flag_counts(certificate.results),
+        has_bound=has_bound, rero_sentence=rero_sentence,
         evidence={(row.slug, i): (_data_uri(e.truth_png), _data_uri(e.reconstruction_png))
                   for row in certificate.rows for i, e in enumerate(row.evidence)},
     )

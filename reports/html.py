@@ -41,6 +41,8 @@ from leakbench.reports.plots import report_plots
 
 log = logging.getLogger(__name__)
 
+from leakbench.reports.rero import RERO_NOTE, rero_text
+
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 TRUTH_ATTACK_KEY = ""  # the images table stores the ground truth under attack_key ''
 
@@ -120,6 +122,8 @@ def environment() -> jinja2.Environment:
     env.filters["num"] = _format_number
     env.filters["pct"] = _format_percent
     env.filters["sortkey"] = _sort_key
+    env.filters["rero_text"] = rero_text  # the DP rows' ReRo ceiling beside the measured rate (reports/rero.py)
+    env.globals["rero_note"] = RERO_NOTE
     env.tests["missing"] = _missing
     return env
 

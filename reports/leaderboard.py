@@ -26,6 +26,7 @@ import pandas as pd
 
 # The shared vocabulary (torch-free), re-exported here for the reports.
 from leakbench.core.vocabulary import FAILED_STATUSES, PSNR_CAP_DB, STATUSES, THRESHOLD_METRICS, Threshold
+from leakbench.reports.rero import RERO_BOARD_COLUMNS, RERO_FLAG, RERO_NOTE, has_rero, rero_row, rero_text
 from leakbench.store import STORE_FILENAME, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -330,15 +331,15 @@ BOARD_COLUMNS = (
     *(c for name in WORST_COLUMNS for c in _with_interval(name)),
     *(c for name in AVERAGE_COLUMNS for c in _with_interval(name)),
     *_with_interval("leak_rate"), "leaked_images", "leak_threshold",
-    *DEFENSE_NUMBER_COLUMNS, "defense_notes", "victim_state", "victim_test_accuracy", "victim_notes",
+    *DEFENSE_NUMBER_COLUMNS, *RERO_BOARD_COLUMNS, "defense_notes", "victim_state", "victim_test_accuracy", "victim_notes",
     "rows", "failed_rows", "failed_cells", "flagged_rows", "flagged_cells", "flags",
     "battery", "oracle_labels", "shared_bn_stats", "lpips_note",
 )
 _INT_COLUMNS = ("batch_size", "images", "cells", "leaked_images", "rows", "failed_rows", "failed_cells",
                 "flagged_rows", "flagged_cells")
-_TEXT_COLUMNS = ("victim", "defense", "protocol", "leak_threshold", "defense_notes", "victim_state",
+_TEXT_COLUMNS = ("victim", "defense", "protocol", "leak_threshold", "rero_note", "defense_notes", "victim_state",
                  "victim_notes", "flags", "battery", "lpips_note")
-_BOOL_COLUMNS = ("oracle_labels", "shared_bn_stats")
+_BOOL_COLUMNS = ("oracle_labels", "shared_bn_stats", "rero_exceeded")
 
 
 def leaderboard(results: ResultSet) -> pd.DataFrame:
@@ -381,6 +382,7 @@ def leaderboard(results: ResultSet) -> pd.DataFrame:
         extra_defense_keys.update(dict.fromkeys(k for k in defense if k not in DEFENSE_NUMBER_COLUMNS
                                                 and k != "defense_notes"))
         record.update(defense)
+        record.update(rero_row(cells, group_images["leaked"]))  # the DP rows' ReRo ceiling (reports/rero.py)
         record.update(_victim_info(cells["victim_info_json"]))
         failed = group[group["status"] != "ok"]
         row_flags = [_flag_names(text) for text in group["flags_json"]]
@@ -397,6 +399,9 @@ def leaderboard(results: ResultSet) -> pd.DataFrame:
             shared_bn_stats=bool((group["threat_bn_stats"] == ORACLE_VALUES["bn_stats"]).any()),
             lpips_note=_lpips_note(ok),
         )
+        if record["rero_exceeded"]:  # measured above the ReRo ceiling: the row's guarantee is in doubt
+            record["flags"] = "; ".join(f for f in (record["flags"], f"{RERO_FLAG}: measured leak rate above the "
+                                                     "ReRo ceiling gamma") if f)
         for label in attacks:
             by_attack = ok[ok["attack_label"] == label]
             record[attack_column(label)] = _mean(by_attack.groupby("image_id")["psnr_db"].max())
@@ -668,11 +673,13 @@ def optional_columns(board: pd.DataFrame) -> dict[str, bool]:
 
     return {
         "epsilon": any_number("epsilon") or any_number("delta"),
+        "rero": has_rero(board),
         "utility": any_number("utility_cosine"),
         "accuracy": any_number("utility_accuracy"),
         "defense_notes": any_text("defense_notes"),
         "victim": any_text("victim_state") or any_number("victim_test_accuracy"),
-        "flags": bool(len(board)) and bool((board["flagged_rows"] + board["flagged_cells"]).sum() > 0),
+        "flags": bool(len(board)) and (bool((board["flagged_rows"] + board["flagged_cells"]).sum() > 0)
+                                       or bool(board["rero_exceeded"].any())),
         "battery": any_text("battery") and set(board["battery"]) != {NO_BATTERY},
     }
 
@@ -705,7 +712,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     titles = ["victim", "defense", "protocol", "batch", "images", "worst PSNR (dB)", "worst SSIM", "worst LPIPS",
               "worst label acc.", "avg PSNR (dB)", "avg SSIM", "avg LPIPS", "avg label acc.",
               f"leak rate ({threshold})"]
-    titles += ["ε (δ)"] * show["epsilon"] + ["update cosine"] * show["utility"]
+    titles += ["ε (δ)"] * show["epsilon"] + ["ReRo ceiling γ (estimated κ̂) vs measured"] * show["rero"]
+    titles += ["update cosine"] * show["utility"]
     titles += ["FL accuracy (undefended)"] * show["accuracy"]
     titles += ["defense info"] * show["defense_notes"] + ["victim state (test acc.)"] * show["victim"]
     titles += ["cells (failed)", "rows (failed)"] + ["sanity flags"] * show["flags"] + ["battery"] * show["battery"]
@@ -732,6 +740,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         ]
         if show["epsilon"]:
             cells.append(_epsilon_text(row))
+        if show["rero"]:
+            cells.append(rero_text(row))
         if show["utility"]:
             cells.append(_num(row["utility_cosine"], 3))
         if show["accuracy"]:
@@ -758,6 +768,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     )
     if show["accuracy"]:
         lines.append(ACCURACY_NOTE)
+    if show["rero"]:
+        lines.append(RERO_NOTE)
     if oracle:
         lines.append(f"{_MARK_ORACLE_LABELS} oracle labels: the attacks were given the true labels "
                      "(threat_model.labels = \"known\").")

@@ -70,8 +70,8 @@ STRENGTH_AXES = (
 
 def report_plots(results: ResultSet, board: pd.DataFrame, images: pd.DataFrame) -> list[Plot]:
     """Every plot of the report, in order, drawn or skipped with a note."""
-    plots = [*strength_plots(results, images), privacy_utility_plot(board), worst_case_distribution_plot(images),
-             convergence_plot(results)]
+    plots = [*strength_plots(results, images), privacy_utility_plot(board), rero_plot(board),
+             worst_case_distribution_plot(images), convergence_plot(results)]
     return plots
 
 
@@ -279,6 +279,47 @@ def privacy_utility_plot(board: pd.DataFrame) -> Plot:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return Plot(key="privacy-utility", title=title, caption=caption, src=_png_uri(figure))
+
+
+def rero_plot(board: pd.DataFrame) -> Plot:
+    """The ReRo ceiling γ against the noise multiplier σ for the suite's κ̂, with the DP rows' measured leak rates."""
+    from leakbench.privacy.rero import gamma_gdp
+
+    title = "Guarantee beside evidence: ReRo ceiling vs measured leak rate"
+    caption = ("Lines: the provable ceiling γ = Φ(Φ⁻¹(κ) + √T/σ) on any attack's success for what the server saw "
+               "(T Gaussian steps in the attacked update, every one with the target), at the suite's estimated κ̂ "
+               "(its Clopper–Pearson upper limit; dotted: κ̂ itself, the best guess without the update). Points: "
+               "the DP rows' measured leak rates with exact 95% intervals; crosses: γ for the declared training. "
+               "A point above its line beyond its interval raises the rero_exceeded sanity flag.")
+    if not len(board) or "rero_gamma_observed" not in board or board["rero_gamma_observed"].notna().sum() == 0:
+        return Plot(key="rero", title=title, caption=caption,
+                    note="not drawn: no row's defense declares a DP guarantee with a ReRo bound (e.g. dp_sgd).")
+    rows = board[board["rero_gamma_observed"].notna()]
+    kappa = float(rows["rero_kappa_upper"].max())
+    sigmas = rows["rero_noise_multiplier"].astype(float)
+    grid = np.geomspace(float(sigmas.min()) / 3, max(10.0, float(sigmas.max()) * 3), 200)
+    figure = _figure()
+    ax = figure.add_subplot()
+    for index, steps in enumerate(sorted({int(t) for t in rows["rero_steps_observed"]})):
+        ax.plot(grid, [gamma_gdp(kappa, math.sqrt(steps) / s) for s in grid], color=_color(index), linewidth=1.5,
+                label=f"ceiling γ, what the server saw (T={steps})")
+    ax.axhline(float(rows["rero_kappa"].max()), color="#7f7f7f", linestyle=":", linewidth=1, label="κ̂ (estimate)")
+    for index, victim in enumerate(dict.fromkeys(rows["victim"])):
+        mine = rows[rows["victim"] == victim]
+        rate = mine["leak_rate"].astype(float)
+        err = np.array([rate - mine["leak_rate_cp_lo"], mine["leak_rate_cp_hi"] - rate])
+        ax.errorbar(mine["rero_noise_multiplier"], rate, yerr=np.nan_to_num(err), fmt="o", capsize=3,
+                    color=_color(index + 3), label=f"measured leak rate: {_short(victim)}")
+        ax.scatter(mine["rero_noise_multiplier"], mine["rero_gamma_training"], marker="x", color=_color(index + 3),
+                   label=f"γ, declared training: {_short(victim)}")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.yaxis.set_major_formatter(_percent_formatter())
+    ax.set_xlabel("noise multiplier σ (noise std σ·C on the clipped sum)")
+    ax.set_ylabel("reconstruction success")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="x-small")
+    return Plot(key="rero", title=title, caption=caption, src=_png_uri(figure))
 
 
 def _percent_formatter():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from leakbench.core.types import Observation, Reconstruction
+
+if TYPE_CHECKING:
+    from leakbench.privacy.rero import DPGuarantee
 
 
 class ParamError(ValueError):
@@ -80,6 +83,14 @@ class Defense:
     def describe(self) -> dict[str, Any]:
         """Numbers to store with every row (e.g. epsilon); empty by default."""
         return {}
+
+    #: why ``dp_guarantee`` is None, shown in the row (override with the defense's own reason)
+    no_dp_reason: str = "declares no differential-privacy guarantee"
+
+    def dp_guarantee(self) -> "DPGuarantee | None":
+        """The differential-privacy guarantee this defense declares (``leakbench.privacy.DPGuarantee``:
+        noise multiplier, clipping norm, sample rate, steps, δ), or None; every row's ReRo bound comes from it."""
+        return None
 
 
 class LabelStrategy(ABC):

@@ -48,7 +48,8 @@ class StoreBuilder:
              protocol: str = "fedsgd", protocol_params: dict | None = None, batch_size: int = 1, trial: int = 0,
              batch_index: int = 0, case: int = 0, labels: str = "recovered", bn_stats: str = "none",
              defense_info: dict | None = None, victim_info: dict | None = None, cell_flags: Sequence[Any] = (),
-             defense_version: str = "1", victim_version: str = "1") -> None:
+             defense_version: str = "1", victim_version: str = "1", rero: dict | None = None) -> None:
+        """``rero``: the cell's ReRo columns (rero_kappa, rero_gamma_observed, ..., rero_json as a dict)."""
         defense_params = defense_params or {}
         protocol_params = {"batch_size": batch_size, **(protocol_params or {})}
         shown = ", ".join(f"{k}={v}" for k, v in defense_params.items())
@@ -65,6 +66,8 @@ class StoreBuilder:
             "batch_size": batch_size, "bn_mode": "train", "batch_index": batch_index, "trial": trial,
             "threat_labels": labels, "threat_bn_stats": bn_stats,
         }
+        if rero:
+            fields.update({k: json.dumps(v) if k == "rero_json" else v for k, v in rero.items()})
         self.store.put_cell(self.suite_hash, key, fields)
         self.cells[key] = fields
 

@@ -18,7 +18,8 @@ from leakbench.victims import build_victim
 
 def test_every_flag_is_documented():
     for name, flag in sanity.FLAGS.items():
-        assert flag.name == name and flag.level in ("cell", "row")
+        # "leaderboard row": raised by the reports from a row's numbers (rero_exceeded), not stored per result row
+        assert flag.name == name and flag.level in ("cell", "row", "leaderboard row")
         assert f"``{name}``" in sanity.__doc__
 
 
