@@ -619,5 +619,9 @@ def cell_fields(cell: Cell, batch_size: int, defense_info: dict, victim_info: di
         "trial": cell.trial,
         "threat_labels": cell.threat.labels,
         "threat_bn_stats": cell.threat.bn_stats,
+        "case_indices_json": dumps(list(cell.case_indices)),
+        "control": int(cell.control),
+        "control_json": dumps({"cells": list(cell.control_cells), "attacks": list(cell.control_attacks)}
+                              if cell.control_cells else {}),
     }
 
