@@ -48,7 +48,10 @@ class StoreBuilder:
              protocol: str = "fedsgd", protocol_params: dict | None = None, batch_size: int = 1, trial: int = 0,
              batch_index: int = 0, case: int = 0, labels: str = "recovered", bn_stats: str = "none",
              defense_info: dict | None = None, victim_info: dict | None = None, cell_flags: Sequence[Any] = (),
-             defense_version: str = "1", victim_version: str = "1") -> None:
+             defense_version: str = "1", victim_version: str = "1", cases: Sequence[int] | None = None,
+             control: bool = False, control_of: tuple[Sequence[str], Sequence[str]] | None = None) -> None:
+        """``cases``: every case the cell belongs to (default ``[case]``; ``[]`` with ``control``: a cell added
+        only as a positive control); ``control_of``: (control cell keys, attack keys) of the cell's control."""
         defense_params = defense_params or {}
         protocol_params = {"batch_size": batch_size, **(protocol_params or {})}
         shown = ", ".join(f"{k}={v}" for k, v in defense_params.items())
@@ -64,6 +67,10 @@ class StoreBuilder:
             "protocol_json": json.dumps({"name": protocol, "version": "1", "params": protocol_params}),
             "batch_size": batch_size, "bn_mode": "train", "batch_index": batch_index, "trial": trial,
             "threat_labels": labels, "threat_bn_stats": bn_stats,
+            "case_indices_json": json.dumps(list(cases) if cases is not None else [case]),
+            "control": int(control),
+            "control_json": json.dumps({"cells": list(control_of[0]), "attacks": list(control_of[1])}
+                                       if control_of else {}),
         }
         self.store.put_cell(self.suite_hash, key, fields)
         self.cells[key] = fields
@@ -96,6 +103,20 @@ class StoreBuilder:
                                attack=identity, rows=rows, truth_pngs=truth, reconstruction_pngs=recon,
                                created_utc=CREATED)
 
+    def attack_key(self, attack: str = "ig", params: dict | None = None) -> str:
+        """The attack key ``attack()`` stores for these arguments."""
+        return f"{attack}-{json.dumps(params if params is not None else {'iterations': 10}, sort_keys=True)}"
+
+    def controls(self, victim: str, images: Sequence[tuple], *, prefix: str = "control", **attack: Any) -> list[str]:
+        """Cells added only as positive controls (undefended FedSGD batch 1), one per (image_id, psnr); their keys."""
+        keys = []
+        for index, image in enumerate(images):
+            key = f"{prefix}-{victim}-{index}"
+            self.cell(key, victim=victim, batch_index=index, cases=[], control=True)
+            self.attack(key, [image], **attack)
+            keys.append(key)
+        return keys
+
     def close(self) -> Path:
         self.store.end_run(self.run_id, status="finished", ended_utc="2024-06-11T00:05:00+00:00")
         self.store.close()
@@ -103,13 +124,22 @@ class StoreBuilder:
 
 
 def simple_store(out_dir: Path, psnrs: dict[str, Sequence[float]], *, suite_hash: str = "hash-a",
-                 image_prefix: str = "img", **kwargs: Any) -> Path:
-    """One cell per (victim|defense) key and image list: ``{"lenet|none": [25, 12, ...]}``, batch size 1 per image."""
+                 image_prefix: str = "img", control_psnr: float | None = None, **kwargs: Any) -> Path:
+    """One cell per (victim|defense) key and image list: ``{"lenet|none": [25, 12, ...]}``, batch size 1 per image.
+
+    ``control_psnr``: every row gets positive-control cells (one per image, all at this PSNR);
+    without it, only undefended rows have a control (themselves).
+    """
     builder = StoreBuilder(out_dir, suite_hash=suite_hash, **kwargs)
     for case, (group, values) in enumerate(psnrs.items()):
         victim, defense = group.split("|")
+        control_of = None
+        if control_psnr is not None:
+            keys = builder.controls(victim, [(f"{image_prefix}-{i}", control_psnr) for i in range(len(values))],
+                                    prefix=f"control{case}")
+            control_of = (keys, [builder.attack_key()])
         for index, psnr in enumerate(values):
             cell = f"{group}-{index}"
-            builder.cell(cell, victim=victim, defense=defense, batch_index=index, case=case)
+            builder.cell(cell, victim=victim, defense=defense, batch_index=index, case=case, control_of=control_of)
             builder.attack(cell, [(f"{image_prefix}-{index}", psnr)])
     return builder.close()

@@ -17,9 +17,16 @@ def verdicts(certificate) -> dict[str, bool]:
     return {f"{r.victim}|{r.defense}": r.passed for r in certificate.rows}
 
 
+def leaking_control(b: StoreBuilder, images: list[str], *, victim: str = "lenet", psnr: float = 30.0,
+                    **attack) -> tuple[list[str], list[str]]:
+    """Positive-control cells that leak (one per image, at ``psnr``): the ``control_of`` of a row's cells."""
+    keys = b.controls(victim, [(image, psnr) for image in images], **attack)
+    return keys, [b.attack_key(attack.get("attack", "ig"), attack.get("params"))]
+
+
 def test_bound_is_on_every_image_not_the_mean(tmp_path: Path) -> None:
     # lenet|none: mean 15 dB but one image at 28 dB -> fails a 20 dB bound; fc|noise: all under 20 -> passes.
-    path = simple_store(tmp_path, {"lenet|none": [28.0, 8.0, 9.0], "fc|noise": [12.0, 14.0, 19.5]})
+    path = simple_store(tmp_path, {"lenet|none": [28.0, 8.0, 9.0], "fc|noise": [12.0, 14.0, 19.5]}, control_psnr=30.0)
     certificate = certify(load_results(path), limits=Limits(max_psnr_db=20.0))
     assert verdicts(certificate) == {"lenet|none": False, "fc|noise": True}
     assert not certificate.passed
@@ -27,13 +34,13 @@ def test_bound_is_on_every_image_not_the_mean(tmp_path: Path) -> None:
     assert lenet.checks[0].observed == "max 28.00 dB (1 image(s) beyond)"
     assert [e.image_id for e in lenet.evidence] == ["img-0", "img-2", "img-1"]  # most-leaking first
     assert lenet.evidence[0].truth_png and lenet.evidence[0].reconstruction_png
-    only_fc = certify(load_results(simple_store(tmp_path / "fc", {"fc|noise": [12.0, 14.0, 19.5]})),
+    only_fc = certify(load_results(simple_store(tmp_path / "fc", {"fc|noise": [12.0, 14.0, 19.5]}, control_psnr=30.0)),
                       limits=Limits(max_psnr_db=20.0))
     assert only_fc.passed
 
 
 def test_leak_rate_limit_uses_the_suite_threshold(tmp_path: Path) -> None:
-    path = simple_store(tmp_path, {"lenet|none": [25.0, 8.0, 9.0, 10.0]})  # 1 of 4 above 20 dB
+    path = simple_store(tmp_path, {"lenet|none": [25.0, 8.0, 9.0, 10.0]}, control_psnr=30.0)  # 1 of 4 above 20 dB
     results = load_results(path)
     assert certify(results, limits=Limits(max_leak_rate=0.25)).passed
     failing = certify(results, limits=Limits(max_leak_rate=0.2))
@@ -44,8 +51,9 @@ def test_leak_rate_limit_uses_the_suite_threshold(tmp_path: Path) -> None:
 
 def test_failed_attack_runs_make_a_row_inconclusive_unless_allowed(tmp_path: Path) -> None:
     b = StoreBuilder(tmp_path)
+    control = leaking_control(b, ["img-0", "img-1", "img-2"])
     for index, (psnr, status) in enumerate([(10.0, "ok"), (11.0, "ok"), (0.0, "timeout")]):
-        b.cell(f"c{index}", batch_index=index)
+        b.cell(f"c{index}", batch_index=index, control_of=control)
         b.attack(f"c{index}", [(f"img-{index}", psnr)], status=status)
     results = load_results(b.close())
     strict = certify(results, limits=Limits(max_psnr_db=20.0))
@@ -53,12 +61,13 @@ def test_failed_attack_runs_make_a_row_inconclusive_unless_allowed(tmp_path: Pat
     failure = [c for c in strict.rows[0].checks if not c.passed]
     assert [c.criterion for c in failure] == ["every attack run completed"]
     assert failure[0].observed == "1 of 3 rows failed (error, timeout, oom)"
+    assert strict.rows[0].verdict == "inconclusive" and strict.verdict == "inconclusive"
     assert certify(results, limits=Limits(max_psnr_db=20.0, allow_failures=True)).passed
 
 
 def test_missing_metric_is_inconclusive_not_a_pass(tmp_path: Path) -> None:
     b = StoreBuilder(tmp_path)
-    b.cell("c0")
+    b.cell("c0", control_of=leaking_control(b, ["img-0"]))
     b.attack("c0", [("img-0", 10.0, 0.2, None)])  # LPIPS unavailable
     results = load_results(b.close())
     certificate = certify(results, limits=Limits(min_lpips=0.3))
@@ -77,7 +86,7 @@ def test_limits_are_required_and_checked() -> None:
 def test_scope_names_battery_attacks_and_every_threat_setting(tmp_path: Path) -> None:
     suite_text = THREAT_SUITE + 'public_proxy = "imagenet"\n'
     b = StoreBuilder(tmp_path, suite_text=suite_text)
-    b.cell("c0")
+    b.cell("c0", control_of=leaking_control(b, ["img-0"], battery="standard-v1", params={"iterations": 4800}))
     b.attack("c0", [("img-0", 10.0)], battery="standard-v1", params={"iterations": 4800})
     certificate = certify(load_results(b.close()), limits=Limits(max_psnr_db=20.0))
     scope = certificate.scope
