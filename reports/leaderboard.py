@@ -855,6 +855,7 @@ def optional_columns(board: pd.DataFrame) -> dict[str, bool]:
         "victim": any_text("victim_state") or any_number("victim_test_accuracy"),
         "flags": bool(len(board)) and bool((board["flagged_rows"] + board["flagged_cells"]).sum() > 0),
         "battery": any_text("battery") and set(board["battery"]) != {NO_BATTERY},
+        "floor": any_number("floor_psnr_db"),
     }
 
 
@@ -885,7 +886,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         lines.append("")
     titles = ["victim", "defense", "protocol", "batch", "images", "worst PSNR (dB)", "worst SSIM", "worst LPIPS",
               "worst label acc.", "avg PSNR (dB)", "avg SSIM", "avg LPIPS", "avg label acc.",
-              f"leak rate ({threshold})"]
+              f"leak rate ({threshold})", "control leak rate"]
+    titles += ["floor PSNR (dB)", "gain over floor (dB)"] * show["floor"]
     titles += ["ε (δ)"] * show["epsilon"] + ["update cosine"] * show["utility"]
     titles += ["FL accuracy (undefended)"] * show["accuracy"]
     titles += ["defense info"] * show["defense_notes"] + ["victim state (test acc.)"] * show["victim"]
@@ -910,7 +912,10 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
              f"{_pct(row['leak_rate'])} ({row['leaked_images']}/{row['images']})"
              + ("" if _pct(row["leak_rate_lo"]) == _pct(row["leak_rate_hi"]) else
                 f" [{_pct(row['leak_rate_lo'])}, {_pct(row['leak_rate_hi'])}]")),
+            control_rate_text(row),
         ]
+        if show["floor"]:
+            cells += [_num(row["floor_psnr_db"], 2), _signed(row["gain_over_floor_db"], 2)]
         if show["epsilon"]:
             cells.append(_epsilon_text(row))
         if show["utility"]:
@@ -937,6 +942,9 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         "rows (failed); cells (failed) counts the cells with any failed row; an image with only failed rows counts "
         f"as not leaked. PSNR is capped at {PSNR_CAP_DB:g} dB for identical images."
     )
+    lines.append(CONTROL_NOTE)
+    if show["floor"]:
+        lines.append(FLOOR_NOTE)
     if show["accuracy"]:
         lines.append(ACCURACY_NOTE)
     if oracle:
@@ -995,6 +1003,26 @@ def _epsilon_text(row: dict[str, Any]) -> str:
         return "n/a"
     delta = "" if _missing(row["delta"]) else f" (δ={row['delta']:.0e})"
     return f"{row['epsilon']:.3g}{delta}"
+
+
+CONTROL_NOTE = ("Control leak rate: the share of images leaking in the row's positive control (the same victim and "
+                "images, no defense, FedSGD batch 1, the same attacks; \"own\" when the row is its own control); "
+                "n/a when none is stored. A row whose control does not leak proves nothing: certify calls it "
+                "inconclusive.")
+FLOOR_NOTE = ("Floor: mean PSNR of the baselines (label_only's grey guess), which never enter the worst case, the "
+              "averages or the leak rate; gain over floor: mean over images of the worst case minus the floor.")
+
+
+def control_rate_text(row: dict[str, Any]) -> str:
+    """``75.0% (3/4)``, ``own`` marked, or ``n/a`` when no control is stored."""
+    if _missing(row["control_leak_rate"]):
+        return "n/a" if not row["control_images"] else "n/a (metric missing)"
+    own = " own" if row["control"].startswith("the row itself") else ""
+    return f"{_pct(row['control_leak_rate'])} ({row['control_leaked_images']}/{row['control_images']}){own}"
+
+
+def _signed(value: Any, digits: int) -> str:
+    return "n/a" if _missing(value) else f"{value:+.{digits}f}"
 
 
 ACCURACY_NOTE = ("FL accuracy: top-1 accuracy on the suite's images after the suite's short, seeded FL training "

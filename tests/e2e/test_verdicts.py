@@ -166,8 +166,16 @@ def test_a_cell_shared_by_two_cases_counts_once(tmp_path: Path, capsys) -> None:
     with sqlite3.connect(store_path(tmp_path / "out")) as conn:
         cases = [r[0] for r in conn.execute("SELECT case_indices_json FROM cells")]
     assert cases == ["[0, 1]", "[0, 1]"]  # every case the cell belongs to
-    board = leaderboard(load_results(tmp_path / "out"))
+    results = load_results(tmp_path / "out")
+    board = leaderboard(results)
     assert board["cells"].tolist() == [2] and board["images"].tolist() == [2] and board["rows"].tolist() == [4]
+    # label_only is a baseline: its grey guess is the floor, never averaged into the attack's numbers
+    rows = results.rows
+    analytic, grey = rows[rows["attack"] == "analytic_fc"], rows[rows["attack"] == "label_only"]
+    assert grey["baseline"].tolist() == [1, 1] and analytic["baseline"].tolist() == [0, 0]
+    assert board["avg_psnr_db"].iloc[0] == pytest.approx(analytic["psnr_db"].mean())
+    assert board["floor_psnr_db"].iloc[0] == pytest.approx(grey["psnr_db"].mean())
+    assert board["floor_psnr_db"].iloc[0] < 20 < board["worst_psnr_db"].iloc[0]
 
 
 @pytest.mark.parametrize("share", ["0", "1.5"])

@@ -78,7 +78,7 @@ class StoreBuilder:
     def attack(self, cell: str, images: Sequence[tuple], *, attack: str = "ig", version: str = "1",
                params: dict | None = None, labels: str = "idlg", battery: str | None = None, status: str = "ok",
                error: str | None = None, flags: Sequence[Any] = (), trace: Sequence[tuple[int, float]] = (),
-               key: str | None = None) -> None:
+               key: str | None = None, baseline: bool | None = None) -> None:
         """Rows of one (cell, attack): ``images`` are (image_id, psnr[, ssim[, lpips]]) in slot order."""
         params = params if params is not None else {"iterations": 10}
         attack_key = key or f"{attack}-{json.dumps(params, sort_keys=True)}"
@@ -101,7 +101,8 @@ class StoreBuilder:
                     "labels": {"name": labels, "version": "1"}, "battery": battery}
         self.store.put_results(suite_hash=self.suite_hash, cell_key=cell, attack_key=attack_key, run_id=self.run_id,
                                attack=identity, rows=rows, truth_pngs=truth, reconstruction_pngs=recon,
-                               created_utc=CREATED)
+                               created_utc=CREATED,
+                               baseline=attack == "label_only" if baseline is None else baseline)
 
     def attack_key(self, attack: str = "ig", params: dict | None = None) -> str:
         """The attack key ``attack()`` stores for these arguments."""
