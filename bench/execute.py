@@ -251,8 +251,8 @@ class Worker:
 
     def _fl_utility(self, cell: Cell) -> dict:
         """The suite's optional test accuracy after a short FL training with the cell's defense."""
-        if getattr(self.suite, "utility", None) is None:
-            return {}
+        if getattr(self.suite, "utility", None) is None or not cell.case_indices:
+            return {}  # a cell added only as a positive control is evidence for attacks, not a utility row
         try:
             from leakbench.utility import cell_utility
 
