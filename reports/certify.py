@@ -196,9 +196,9 @@ def _control_check(control: ControlFigures | None, limits: Limits, *, results: R
     criterion = (f"positive control leaks ({results.threshold.describe()}) on ≥ {100 * limits.control_share:g}% of "
                  "images")
     if control is None:
-        reason = (f"no positive control is stored for this row (the undefended {victim} at FedSGD batch size 1 on the "
-                  "same images): run the suite again with this leakbench, which adds it; a recorded client's update "
-                  "has none")
+        reason = (f"no positive control with an attack (baselines do not count) is stored for this row (the "
+                  f"undefended {victim} at FedSGD batch size 1 on the same images): run the suite again with this "
+                  "leakbench, which adds it; a recorded client's update has none")
         return Check(criterion, "none stored", False, inconclusive=True), reason
     if _missing(control.leak_rate):
         return (Check(criterion, f"inconclusive: the threshold's metric is missing; {control.describe()}", False,

@@ -128,3 +128,56 @@ def test_written_certificate_links_evidence_files(tmp_path: Path) -> None:
                     "lenet-none-fedsgd_batch_size_1-0-img-0-truth.png"]
     html = html_path.read_text()
     assert html.count('src="data:image/png;base64,') == 2 and "FAIL" in html
+
+
+def test_a_row_passes_only_when_its_control_leaks_on_the_stated_share(tmp_path: Path) -> None:
+    import json
+
+    b = StoreBuilder(tmp_path)
+    images = ["img-0", "img-1", "img-2", "img-3"]
+    # the control leaks on 1 of 4 images (30 dB once, 10 dB otherwise)
+    keys = [b.controls("lenet", [(image, psnr)], prefix=f"ctl{i}")[0]
+            for i, (image, psnr) in enumerate(zip(images, [30.0, 10.0, 10.0, 10.0]))]
+    control = (keys, [b.attack_key()])
+    for index, image in enumerate(images):
+        b.cell(f"quiet{index}", defense="noise", batch_index=index, control_of=control)
+        b.attack(f"quiet{index}", [(image, 8.0)])
+        b.cell(f"loud{index}", defense="weak", batch_index=index, case=1, control_of=control)
+        b.attack(f"loud{index}", [(image, 25.0)])
+    results = load_results(b.close())
+    default = certify(results, limits=Limits(max_psnr_db=20.0))
+    quiet, loud = default.rows
+    assert (quiet.verdict, loud.verdict, default.verdict) == ("inconclusive", "fail", "fail")
+    assert quiet.reason == ("the battery does not break the undefended lenet at this budget: raise the budget or use "
+                            "a stronger battery")
+    assert quiet.control is not None and (quiet.control.leaked_images, quiet.control.images) == (1, 4)
+    assert loud.reason == ""  # a leak seen is a fail, whatever the control says
+    # the control leaks on 25% of its images: enough when the stated share is a quarter
+    lenient = certify(results, limits=Limits(max_psnr_db=20.0, control_share=0.25))
+    assert [r.verdict for r in lenient.rows] == ["pass", "fail"]
+    # the cells added as controls are not rows, and the board shows the control's leak rate
+    from leakbench.reports import leaderboard
+
+    board = leaderboard(results)
+    assert list(board["defense"]) == ["noise", "weak"] and list(board["control_leak_rate"]) == [0.25, 0.25]
+    write_certificate(default, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "certificate.json").read_text())
+    assert data["verdict"] == "fail" and data["control_share"] == 0.5
+    row = data["rows"][0]
+    assert (row["victim"], row["defense"], row["protocol"], row["verdict"]) == ("lenet", "noise",
+                                                                                "fedsgd(batch_size=1)", "inconclusive")
+    assert row["control"]["leak_rate"] == 0.25 and row["control"]["worst_psnr_db_max"] == 30.0
+    assert [c["status"] for c in row["checks"]] == ["pass", "pass", "inconclusive"]
+    assert all({"criterion", "observed", "passed", "status"} <= set(c) for c in row["checks"])
+    markdown = (tmp_path / "out" / "certificate.md").read_text()
+    assert "| ❔ inconclusive | lenet | noise |" in markdown and "25.0% of images leak (1/4)" in markdown
+
+
+def test_a_control_form_row_without_a_stored_control_is_its_own(tmp_path: Path) -> None:
+    path = simple_store(tmp_path, {"lenet|none": [25.0, 8.0, 9.0], "lenet|noise": [8.0, 8.0, 8.0]})
+    certificate = certify(load_results(path), limits=Limits(max_leak_rate=0.5))
+    own, other = certificate.rows
+    assert own.control is not None and own.control.own and own.control.leaked_images == 1
+    assert own.verdict == "inconclusive"  # 1 of 3 leaks: under the default half
+    assert other.control is None and other.verdict == "inconclusive"
+    assert "no positive control" in other.reason
