@@ -674,11 +674,11 @@ def merge_shared_cells(cells: Iterable[Cell]) -> list[Cell]:
             merged[key] = cell
             continue
         known = {a.key for a in old.attacks}
+        cases = tuple(sorted(set(old.case_indices) | set(cell.case_indices)))
         merged[key] = replace(
             old, attacks=old.attacks + tuple(a for a in cell.attacks if a.key not in known),
-            case_index=min(old.case_index, cell.case_index) if old.case_indices and cell.case_indices
-            else (old.case_index if old.case_indices else cell.case_index),
-            case_indices=tuple(sorted(set(old.case_indices) | set(cell.case_indices))),
+            case_index=cases[0] if cases else old.case_index,  # a control-only cell keeps its first case's place
+            case_indices=cases,
             control=old.control or cell.control,
             control_cells=tuple(dict.fromkeys(old.control_cells + cell.control_cells)),
             control_attacks=tuple(dict.fromkeys(old.control_attacks + cell.control_attacks)),
