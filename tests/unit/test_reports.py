@@ -601,3 +601,27 @@ def test_baselines_are_floors_never_the_worst_case_the_average_or_the_leak_rate(
     markdown = to_markdown(board, results=results)
     assert "floor PSNR (dB)" in markdown and "| 18.50 | -6.50 |" in markdown
     assert "never enter the worst case" in markdown
+
+
+def test_a_store_of_schema_2_gains_cases_controls_and_baselines(tmp_path) -> None:
+    import sqlite3
+
+    from storebuilder import StoreBuilder
+
+    b = StoreBuilder(tmp_path)
+    b.cell("c0", case=3)
+    b.attack("c0", [("img-0", 25.0)])
+    b.attack("c0", [("img-0", 30.0)], attack="label_only", params={})
+    path = b.close()
+    with sqlite3.connect(path) as conn:  # back to schema 2: the columns it lacked
+        for table, column in (("cells", "case_indices_json"), ("cells", "control"), ("cells", "control_json"),
+                              ("results", "baseline")):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 2")
+    Store(path).close()  # a writer migrates
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT case_indices_json, control FROM cells").fetchall() == [("[3]", 0)]
+        assert sorted(conn.execute("SELECT attack, baseline FROM results").fetchall()) == [("ig", 0),
+                                                                                          ("label_only", 1)]
+    row = leaderboard(load_results(path)).iloc[0]
+    assert row["worst_psnr_db"] == 25.0 and row["floor_psnr_db"] == 30.0 and row["control_leak_rate"] == 1.0
