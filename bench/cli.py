@@ -78,8 +78,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     info = suite_summary(suite)
     controls = f" ({info['control_cells']} of them positive controls added)" if info["control_cells"] else ""
-    print(f"{args.suite}: ok — suite {info['name']!r} (hash {info['hash']}, budget {info['budget']}), {info['cells']} cells"
-          f"{controls}, {info['attack_runs']} attack runs on {info['dataset']}; threat model "
+    print(f"{args.suite}: ok — suite {info['name']!r} (hash {info['hash']}, budget {info['budget']}), "
+          f"{info['cells']} cells{controls}, {info['attack_runs']} attack runs on {info['dataset']}; threat model "
           f"labels={info['threat_model']['labels']}, bn_stats={info['threat_model']['bn_stats']}; leak threshold "
           f"{info['leak_threshold']}")
     return EXIT_OK
