@@ -205,8 +205,8 @@ def _is_baseline(attack: str) -> bool:
 
 def _leak_flags(store: Store, suite: Suite, cell: CellEvent) -> None:
     """The no-leak sanity flag, over every attack of the cell (baselines left out: the flag's bar is their
-    floor), including those stored by an earlier
-    (resumed) run; added to the cell's flags once its last attack is written."""
+    floor), including those stored by an earlier (resumed) run; added to the cell's flags once its last
+    attack is written."""
     check, grey_db = cell.leak_check
     if not check:
         return
