@@ -13,6 +13,7 @@ from typing import Sequence
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INCONCLUSIVE = 3  # certify: no row fails, but some are inconclusive (not evidence of privacy)
 
 log = logging.getLogger("leakbench")
 
@@ -76,9 +77,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     if suite is None:
         return EXIT_BAD_INPUT
     info = suite_summary(suite)
-    print(f"{args.suite}: ok — suite {info['name']!r} (hash {info['hash']}, budget {info['budget']}), {info['cells']} cells, "
-          f"{info['attack_runs']} attack runs on {info['dataset']}; threat model labels={info['threat_model']['labels']}, "
-          f"bn_stats={info['threat_model']['bn_stats']}; leak threshold {info['leak_threshold']}")
+    controls = f" ({info['control_cells']} of them positive controls added)" if info["control_cells"] else ""
+    print(f"{args.suite}: ok — suite {info['name']!r} (hash {info['hash']}, budget {info['budget']}), "
+          f"{info['cells']} cells{controls}, {info['attack_runs']} attack runs on {info['dataset']}; threat model "
+          f"labels={info['threat_model']['labels']}, bn_stats={info['threat_model']['bn_stats']}; leak threshold "
+          f"{info['leak_threshold']}")
     return EXIT_OK
 
 
@@ -199,12 +202,14 @@ def _missing_work(suite, store_file: Path) -> int:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    """Exit 0 when every (victim, defense) passes, 1 when one fails, 2 on bad input."""
+    """Exit 0 when every (victim, defense) passes, 1 when one fails, 3 when none fails but some are
+    inconclusive, 2 on bad input."""
     try:
         from leakbench.reports.certify import Limits
 
         limits = Limits(max_psnr_db=args.max_psnr, max_leak_rate=args.max_leak_rate, max_ssim=args.max_ssim,
-                        min_lpips=args.min_lpips, allow_failures=args.allow_failures, max_rero=args.max_rero)
+                        min_lpips=args.min_lpips, allow_failures=args.allow_failures, max_rero=args.max_rero,
+                        control_share=args.control_share)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -239,8 +244,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
         return 130
     markdown_path, html_path = write_certificate(certificate, out)
     print(certificate_markdown(certificate))
-    print(f"certificate: {markdown_path} and {html_path}")
-    return EXIT_OK if certificate.passed else EXIT_FAILED
+    print(f"certificate: {markdown_path}, {html_path} and {markdown_path.with_suffix('.json')}")
+    if certificate.passed:
+        return EXIT_OK
+    return EXIT_FAILED if certificate.verdict == "fail" else EXIT_INCONCLUSIVE
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -455,7 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
         "certify", help="pass/fail per (victim, defense) against leakage limits; runs the suite if needed; exit 1 on fail",
         description="Certify a suite's rows against leakage limits, reading the store under --out and running the "
                     "(cell, attack) pairs it lacks. Writes certificate.md (evidence PNGs under certificate/) and "
-                    "certificate.html there. Exit 0: every row passes; 1: a row fails; 2: bad input.")
+                    "certificate.html and certificate.json there. Each row is judged with its positive control (the "
+                    "same victim and images, no defense, FedSGD batch 1, the same attacks; added to the run when the "
+                    "suite lacks it): a row passes only when its control leaks. Exit 0: every row passes; 1: a row "
+                    "fails; 3: no row fails but some are inconclusive; 2: bad input.")
     cert.add_argument("suite", help="a built-in suite's name (leakbench list suites) or the path of a suite TOML file")
     cert.add_argument("--out", help="directory of the store and certificate (default: results/<suite name>)")
     cert.add_argument("--max-psnr", type=float, help="every image's worst-case PSNR must be at most this, dB")
@@ -467,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "server saw is at most GAMMA (certified by the guarantee, whatever the attacks did)")
     cert.add_argument("--allow-failures", action="store_true",
                       help="pass rows with failed attack runs (they count as no leak); by default they fail as inconclusive")
+    cert.add_argument("--control-share", type=float, default=0.5,
+                      help="a row passes only if its positive control's worst case passes the suite's leak threshold "
+                           "on at least this share of images (default 0.5)")
     cert.add_argument("--evidence", type=int, default=3, help="most-leaking images shown per row (default 3)")
     cert.add_argument("--no-run", action="store_true", help="never run attacks: exit 2 if the store lacks some")
     cert.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -268,8 +268,8 @@ class Worker:
 
     def _fl_utility(self, cell: Cell) -> dict:
         """The suite's optional test accuracy after a short FL training with the cell's defense."""
-        if getattr(self.suite, "utility", None) is None:
-            return {}
+        if getattr(self.suite, "utility", None) is None or not cell.case_indices:
+            return {}  # a cell added only as a positive control is evidence for attacks, not a utility row
         try:
             from leakbench.utility import cell_utility
 
@@ -636,5 +636,9 @@ def cell_fields(cell: Cell, batch_size: int, defense_info: dict, victim_info: di
         "trial": cell.trial,
         "threat_labels": cell.threat.labels,
         "threat_bn_stats": cell.threat.bn_stats,
+        "case_indices_json": dumps(list(cell.case_indices)),
+        "control": int(cell.control),
+        "control_json": dumps({"cells": list(cell.control_cells), "attacks": list(cell.control_attacks)}
+                              if cell.control_cells else {}),
     }
 

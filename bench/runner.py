@@ -160,6 +160,7 @@ def run_suite(
                     attack=event.attack, rows=event.rows, truth_pngs=cell.truth_pngs,
                     reconstruction_pngs=event.reconstruction_pngs, created_utc=utc_now(),
                     execution={**event.execution, "executor": runner.name},
+                    baseline=_is_baseline(event.attack["name"]),
                 )
                 written.add((event.cell_key, event.attack_key))
                 status_of = event.rows[0].status
@@ -195,13 +196,21 @@ def _executor(name: str, suite: Suite, *, device: torch.device, workers: int | N
     raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}; got {name!r}")
 
 
+def _is_baseline(attack: str) -> bool:
+    """Whether the registry declares the attack a baseline (a floor such as label_only, not an attack)."""
+    from leakbench.attacks.registry import ATTACKS
+
+    return attack in ATTACKS and ATTACKS.get(attack).baseline
+
+
 def _leak_flags(store: Store, suite: Suite, cell: CellEvent) -> None:
-    """The no-leak sanity flag, over every attack of the cell, including those stored by an earlier
-    (resumed) run; added to the cell's flags once its last attack is written."""
+    """The no-leak sanity flag, over every attack of the cell (baselines left out: the flag's bar is their
+    floor), including those stored by an earlier (resumed) run; added to the cell's flags once its last
+    attack is written."""
     check, grey_db = cell.leak_check
     if not check:
         return
-    stored = store.conn.execute("SELECT psnr_db FROM results WHERE suite_hash = ? AND cell_key = ?",
+    stored = store.conn.execute("SELECT psnr_db FROM results WHERE suite_hash = ? AND cell_key = ? AND baseline = 0",
                                 (suite.hash, cell.cell_key)).fetchall()
     flags = sanity.leak_flags([r[0] for r in stored], grey_db=grey_db)
     if flags:

@@ -16,7 +16,8 @@ matters.
     Raised if: the cell has no defense, batch size 1, and no attack of the cell produced a
     reconstruction scoring more than ``NO_LEAK_MARGIN_DB`` above what a constant grey image
     (0.5 everywhere) scores against the same image, including the case where every attack
-    failed.
+    failed. That grey image is the floor; baselines (``label_only``, which returns it) are
+    not counted as attacks here.
     Explanation: a single undefended image is the easiest case there is; published attacks
     recover it on most victims. If none beats a blank guess, an attack is probably broken
     (wrong labels, a budget far too small, a loss scaled differently from the client's)

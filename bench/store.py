@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from leakbench.core.vocabulary import STATUSES  # shared with the reports (torch-free)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STORE_FILENAME = "leakbench.sqlite"
 
 _SCHEMA = """
@@ -63,6 +63,9 @@ CREATE TABLE IF NOT EXISTS cells (
     rero_gamma_observed REAL,        -- ReRo ceiling for what the server saw (DP rows only)
     rero_gamma_training REAL,        -- ReRo ceiling for the defense's declared training (DP rows only)
     rero_json TEXT NOT NULL DEFAULT '{}',  -- parameters, prior, method and library of the numbers above
+    case_indices_json TEXT NOT NULL DEFAULT '[]',  -- every case the cell belongs to ([]: a positive control only)
+    control INTEGER NOT NULL DEFAULT 0,            -- 1: the cell is a positive control (of itself or of others)
+    control_json TEXT NOT NULL DEFAULT '{}',       -- the cell's control: {"cells": [keys], "attacks": [keys]}
     PRIMARY KEY (suite_hash, cell_key)
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -95,6 +98,7 @@ CREATE TABLE IF NOT EXISTS results (
     battery TEXT,                           -- the battery the attack came from, e.g. standard-v1
     created_utc TEXT NOT NULL,
     execution_json TEXT NOT NULL DEFAULT '{}',  -- how it ran: pack size, memory limit, OOM splits, attempt, worker
+    baseline INTEGER NOT NULL DEFAULT 0,        -- 1: a floor (label_only's grey guess), not an attack
     PRIMARY KEY (suite_hash, cell_key, attack_key, image_slot)
 );
 CREATE TABLE IF NOT EXISTS images (
@@ -114,6 +118,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE cells ADD COLUMN rero_kappa REAL", "ALTER TABLE cells ADD COLUMN rero_kappa_upper REAL",
         "ALTER TABLE cells ADD COLUMN rero_gamma_observed REAL", "ALTER TABLE cells ADD COLUMN rero_gamma_training REAL",
         "ALTER TABLE cells ADD COLUMN rero_json TEXT NOT NULL DEFAULT '{}'"),
+    # cells shared by cases, positive controls, baselines (old cells keep their one case; no
+    # control was run for them; label_only was the one baseline)
+    3: ("ALTER TABLE cells ADD COLUMN case_indices_json TEXT NOT NULL DEFAULT '[]'",
+        "UPDATE cells SET case_indices_json = '[' || case_index || ']'",
+        "ALTER TABLE cells ADD COLUMN control INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE cells ADD COLUMN control_json TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE results ADD COLUMN baseline INTEGER NOT NULL DEFAULT 0",
+        "UPDATE results SET baseline = 1 WHERE attack = 'label_only'"),
 }
 
 
@@ -315,8 +327,9 @@ class Store:
         reconstruction_pngs: dict[int, bytes],
         created_utc: str,
         execution: dict[str, Any] | None = None,
+        baseline: bool = False,
     ) -> None:
-        """All rows of one (cell, attack) and their images, atomically."""
+        """All rows of one (cell, attack) and their images, atomically; ``baseline``: the attack is a floor."""
         rows = list(rows)
         with self.transaction() as c:
             for slot, png in truth_pngs.items():
@@ -328,7 +341,8 @@ class Store:
                     "INSERT INTO results (suite_hash, cell_key, attack_key, image_slot, run_id, attack, attack_version,"
                     " attack_json, label_strategy, label_strategy_version, image_id, true_label, status, error, psnr_db,"
                     " ssim, lpips, lpips_note, label_accuracy, matched_slot, matching_loss, seconds, iterations, restarts,"
-                    " trace_json, flags_json, battery, created_utc, execution_json) VALUES (" + ", ".join("?" * 29) + ")",
+                    " trace_json, flags_json, battery, created_utc, execution_json, baseline) VALUES ("
+                    + ", ".join("?" * 30) + ")",
                     (
                         suite_hash, cell_key, attack_key, r.image_slot, run_id, attack["name"], attack["version"],
                         json.dumps(attack["params"], sort_keys=True), attack["labels"]["name"],
@@ -336,6 +350,7 @@ class Store:
                         r.lpips, r.lpips_note, r.label_accuracy, r.matched_slot, r.matching_loss, r.seconds,
                         r.iterations, r.restarts, json.dumps(list(r.trace)), json.dumps(list(r.flags)),
                         attack.get("battery"), created_utc, json.dumps(execution or {}, sort_keys=True),
+                        int(baseline),
                     ),
                 )
 
@@ -347,7 +362,8 @@ class Store:
         return self.conn.execute(
             "SELECT r.*, c.case_index, c.dataset, c.victim, c.victim_label, c.victim_json, c.defense, c.defense_label,"
             " c.defense_json, c.defense_info_json, c.protocol, c.protocol_json, c.batch_size, c.bn_mode, c.batch_index,"
-            " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json" + rero +
+            " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json, c.case_indices_json,"
+            " c.control, c.control_json" + rero +
             " FROM results r JOIN cells c ON c.suite_hash = r.suite_hash AND c.cell_key = r.cell_key"
             " WHERE r.suite_hash = ? ORDER BY c.case_index, c.victim_label, c.defense_label, c.batch_index, c.trial,"
             " r.attack, r.image_slot",

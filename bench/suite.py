@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -123,6 +123,13 @@ class Cell:
     image_indices: tuple[int, ...]
     trial: int
     attacks: tuple[AttackSpec, ...]
+    # Not part of the identity: every case the cell belongs to (cases that share a cell share
+    # its rows; empty for a cell added only as a positive control), whether it is a positive
+    # control (of itself or of other cells), and the keys of its own control's cells and attacks.
+    case_indices: tuple[int, ...] = ()
+    control: bool = False
+    control_cells: tuple[str, ...] = ()
+    control_attacks: tuple[str, ...] = ()
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -170,6 +177,14 @@ class Suite:
 
     def work_items(self) -> int:
         return sum(len(c.attacks) for c in self.cells)
+
+    def case_cells(self) -> tuple[Cell, ...]:
+        """The cells the suite's cases name (without the positive controls leakbench added)."""
+        return tuple(c for c in self.cells if c.case_indices)
+
+    def control_only_cells(self) -> int:
+        """Cells that no case names: added as positive controls of defended or harder cells."""
+        return sum(1 for c in self.cells if not c.case_indices)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -502,7 +517,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
 
     victim_probe = _victim_probe(dataset)
     expanded: list[tuple[int, ComponentSpec, ComponentSpec, ComponentSpec, tuple[AttackSpec, ...], int,
-                         tuple[int, ...] | None]] = []
+                         tuple[int, ...] | None, tuple[AttackSpec, ...]]] = []
     for i, case in enumerate(cases):
         cp = f"case[{i}]"
         case = c.table(case, cp, allowed=CASE_KEYS, required=("victim",))
@@ -534,14 +549,17 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
                                labels_path=_join(cp, "labels") if "labels" in case else None, threat=threat)
         for v in victims:
             # a battery's attacks depend on the victim (closed forms exist for some) and the batch size
-            with_battery = attacks
+            with_battery = control_attacks = attacks
             if battery is not None and protocol is not None:
+                bs = protocol.kwargs().get("batch_size", 1)
                 with_battery = attacks + _battery_attacks(c, battery, _join(cp, "battery"), reg, victim=v,
-                                                          batch_size=protocol.kwargs().get("batch_size", 1),
-                                                          dataset=dataset, threat=threat)
+                                                          batch_size=bs, dataset=dataset, threat=threat)
+                # the positive control runs the same battery at batch size 1 (resolved for it)
+                control_attacks = with_battery if bs == 1 else attacks + _battery_attacks(
+                    c, battery, _join(cp, "battery"), reg, victim=v, batch_size=1, dataset=dataset, threat=threat)
             for d in defenses:
                 if protocol is not None:
-                    expanded.append((i, v, d, protocol, with_battery, case_trials, case_images))
+                    expanded.append((i, v, d, protocol, with_battery, case_trials, case_images, control_attacks))
 
     if c.problems:
         raise SuiteError(source, c.problems)
@@ -552,17 +570,23 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
 
     chosen = select_indices(dataset, count=images, seed=derive_seed(seed, "images", dataset_spec.identity()))
     cells: list[Cell] = []
-    for case_index, victim, defense, protocol, attacks, case_trials, case_images in expanded:
+    controls: list[Cell] = []
+    for case_index, victim, defense, protocol, attacks, case_trials, case_images, control_attacks in expanded:
         bs = protocol.kwargs().get("batch_size", 1)
         pool = chosen if case_images is None else case_images  # a case's own images, where it names them
         count = len(pool) if case_images is not None else images
         for b in range(min(count // bs, 1) if budget == "smoke" else count // bs):  # smoke: one batch per case
             for t in range(case_trials):
-                cells.append(Cell(
+                cell = Cell(
                     suite_seed=seed, case_index=case_index, dataset=dataset_spec, victim=victim,
                     defense=defense, protocol=protocol, threat=threat, batch_index=b,
                     image_indices=tuple(pool[b * bs:(b + 1) * bs]), trial=t, attacks=attacks,
-                ))
+                    case_indices=(case_index,),
+                )
+                cell, own_controls = with_control(cell, reg, control_attacks=control_attacks, pool=pool)
+                cells.append(cell)
+                controls += own_controls
+    cells = merge_shared_cells(cells + controls)
     identity = {
         "name": name, "seed": seed, "budget": budget, "threat": [threat.labels, threat.bn_stats],
         "threshold": [threshold.metric, threshold.value],
@@ -596,6 +620,91 @@ def _plugins(c: _Checker, raw: Mapping) -> tuple[str, ...]:
         except PluginError as err:
             c.add(f"suite.plugins[{j}]", str(err))
     return tuple(names)
+# --------------------------------------------------------------------------- positive controls
+
+
+CONTROL_DEFENSE = "none"
+CONTROL_PROTOCOL = "fedsgd"
+# Protocols whose server weights and update leakbench cannot replay without the defense (a
+# recorded client's update): their cells get no positive control, and certify says so.
+NO_CONTROL_PROTOCOLS = ("recorded",)
+
+
+def is_control_form(defense: ComponentSpec, protocol: ComponentSpec) -> bool:
+    """Undefended FedSGD of one client at batch size 1: the easiest case, its own positive control."""
+    params = protocol.kwargs()
+    return (defense.name == CONTROL_DEFENSE and protocol.name == CONTROL_PROTOCOL
+            and params.get("batch_size", 1) == 1 and params.get("clients", 1) == 1)
+
+
+def control_protocol(protocol: ComponentSpec, reg: Mapping[str, Registry]) -> ComponentSpec:
+    """FedSGD at batch size 1 for one client, in the BatchNorm mode of ``protocol`` where it has one."""
+    raw: dict[str, Any] = {"name": CONTROL_PROTOCOL, "batch_size": 1}
+    bn_mode = protocol.kwargs().get("bn_mode")
+    if bn_mode is not None:
+        raw["bn_mode"] = bn_mode
+    spec, _ = _component(_Checker(), raw, "", reg["protocol"])
+    assert spec is not None, "the control protocol must validate"
+    return spec
+
+
+def with_control(cell: Cell, reg: Mapping[str, Registry], *, control_attacks: tuple[AttackSpec, ...],
+                 pool: Sequence[int]) -> tuple[Cell, list[Cell]]:
+    """The cell with its positive control named, and the control's cells (none when it is its own).
+
+    A control has the cell's victim (same weights: they depend on the victim and trial only),
+    dataset, threat model and trial, no defense, and FedSGD at batch size 1: one cell per image
+    of the cell, attacked by the same attacks (a battery resolved for batch size 1).
+    """
+    from dataclasses import replace
+
+    if is_control_form(cell.defense, cell.protocol):
+        return replace(cell, control=True, control_cells=(cell.key,),
+                       control_attacks=tuple(a.key for a in cell.attacks)), []
+    if cell.protocol.name in NO_CONTROL_PROTOCOLS:
+        return cell, []
+    defense, _ = _component(_Checker(), CONTROL_DEFENSE, "", reg["defense"])
+    assert defense is not None
+    protocol = control_protocol(cell.protocol, reg)
+    controls = []
+    for image in cell.image_indices:
+        control = Cell(
+            suite_seed=cell.suite_seed, case_index=cell.case_index, dataset=cell.dataset, victim=cell.victim,
+            defense=defense, protocol=protocol, threat=cell.threat, batch_index=list(pool).index(image),
+            image_indices=(image,), trial=cell.trial, attacks=control_attacks, case_indices=(), control=True,
+        )
+        controls.append(replace(control, control_cells=(control.key,),
+                                control_attacks=tuple(a.key for a in control_attacks)))
+    return replace(cell, control_cells=tuple(c.key for c in controls),
+                   control_attacks=tuple(a.key for a in control_attacks)), controls
+
+
+def merge_shared_cells(cells: Iterable[Cell]) -> list[Cell]:
+    """One cell per key, in first-seen order: cases (and controls) that name the same cell share it.
+
+    The merged cell runs the union of the attacks, remembers every case it belongs to, and is a
+    control when any of its namings is one.
+    """
+    from dataclasses import replace
+
+    merged: dict[str, Cell] = {}
+    for cell in cells:
+        key = cell.key
+        old = merged.get(key)
+        if old is None:
+            merged[key] = cell
+            continue
+        known = {a.key for a in old.attacks}
+        cases = tuple(sorted(set(old.case_indices) | set(cell.case_indices)))
+        merged[key] = replace(
+            old, attacks=old.attacks + tuple(a for a in cell.attacks if a.key not in known),
+            case_index=cases[0] if cases else old.case_index,  # a control-only cell keeps its first case's place
+            case_indices=cases,
+            control=old.control or cell.control,
+            control_cells=tuple(dict.fromkeys(old.control_cells + cell.control_cells)),
+            control_attacks=tuple(dict.fromkeys(old.control_attacks + cell.control_attacks)),
+        )
+    return list(merged.values())
 
 
 def _case_images(c: _Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...] | None:
@@ -804,6 +913,7 @@ def suite_summary(suite: Suite) -> dict[str, Any]:
         "hash": suite.hash,
         "budget": suite.budget,
         "cells": len(suite.cells),
+        "control_cells": suite.control_only_cells(),
         "attack_runs": suite.work_items(),
         "dataset": suite.dataset.label(),
         "threat_model": {"labels": suite.threat.labels, "bn_stats": suite.threat.bn_stats},

@@ -15,6 +15,15 @@ reconstructed any of these images above X dB", nothing more. Conservative by des
   ceiling γ for what the server saw is at most GAMMA, whatever the attacks did, unless the
   attacks contradict the guarantee (the ``rero_exceeded`` sanity flag). Every row's ReRo
   numbers are in ``RowVerdict.rero`` (``reports/rero.py``).
+- a row passes only when its **positive control** leaks: the same victim and images, no
+  defense, FedSGD at batch size 1, the same attacks, whose worst case passes the suite's
+  threshold on at least ``control_share`` of its images. Otherwise the battery has not shown
+  it can break even the easy case at this budget, and the row is inconclusive, not a pass;
+- baselines (label_only's grey guess) are floors: they never enter a worst case.
+
+Verdicts are ``pass``, ``fail`` (a limit was exceeded: something leaked) or
+``inconclusive`` (no leak seen, but the evidence cannot carry a pass: failed runs, a
+missing metric, a control that does not leak). A leak seen is a fail whatever the control.
 
 The evidence is each row's worst images (ground truth beside the best reconstruction),
 written as PNG files next to ``certificate.md`` and inline in ``certificate.html``.
@@ -32,12 +41,14 @@ import pandas as pd
 
 from leakbench.store import Store
 from leakbench.reports.leaderboard import (
+    ControlFigures,
     ORACLE_VALUES,
     THREAT_MODEL_DEFAULTS,
     ResultSet,
     _md,
     _md_row,
     consistency_warnings,
+    control_figures,
     flag_counts,
     leaderboard,
     per_image_worst,
@@ -45,6 +56,8 @@ from leakbench.reports.leaderboard import (
 
 TRUTH_ATTACK_KEY = ""
 DEFAULT_EVIDENCE_IMAGES = 3
+DEFAULT_CONTROL_SHARE = 0.5
+VERDICTS = ("pass", "fail", "inconclusive")
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,8 @@ class Limits:
     min_lpips: float | None = None
     allow_failures: bool = False
     max_rero: float | None = None  # the ReRo ceiling γ (what the server saw) a DP row may have
+    # the share of a positive control's images whose worst case must pass the suite's threshold
+    control_share: float = DEFAULT_CONTROL_SHARE
 
     def __post_init__(self) -> None:
         if all(v is None for v in (self.max_psnr_db, self.max_leak_rate, self.max_ssim, self.min_lpips,
@@ -72,6 +87,9 @@ class Limits:
     def attack_limits(self) -> bool:
         """Whether any limit is checked against the attacks' results."""
         return any(v is not None for v in (self.max_psnr_db, self.max_leak_rate, self.max_ssim, self.min_lpips))
+        if not 0 < self.control_share <= 1:
+            raise ValueError(f"--control-share is a share in (0, 1], got {self.control_share}: the positive control "
+                             "must leak on some images for a pass to mean anything")
 
     def describe(self) -> list[str]:
         out = []
@@ -89,6 +107,8 @@ class Limits:
                        "the attacks did")
         out.append("failed attack runs allowed (they count as no leak)" if self.allow_failures
                    else "every attack run of the battery completed")
+        out.append(f"each row's positive control (no defense, FedSGD batch 1, same attacks) leaks on ≥ "
+                   f"{100 * self.control_share:g}% of its images")
         return out
 
 
@@ -97,6 +117,13 @@ class Check:
     criterion: str
     observed: str
     passed: bool
+    # a failed check that shows no leak, only missing evidence (failed runs, a missing metric,
+    # a control that does not leak): it makes a row inconclusive, not failed
+    inconclusive: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "observed": self.observed, "passed": self.passed,
+                "status": "pass" if self.passed else ("inconclusive" if self.inconclusive else "fail")}
 
 
 @dataclass(frozen=True)
@@ -129,6 +156,9 @@ class RowVerdict:
     rero: dict[str, Any] = field(default_factory=dict)
     #: "guarantee" when --max-rero certified the row, "attacks" when the attack-based checks did, "" when failed
     certified_by: str = ""
+    verdict: str = "pass"  # pass | fail | inconclusive
+    control: ControlFigures | None = None
+    reason: str = ""  # why a row is inconclusive, in words
 
     @property
     def slug(self) -> str:
@@ -148,6 +178,15 @@ class Certificate:
     def passed(self) -> bool:
         return bool(self.rows) and all(r.passed for r in self.rows)
 
+    @property
+    def verdict(self) -> str:
+        """pass: every row passes; fail: a row fails; inconclusive: none fails, but not every row passes."""
+        if self.passed:
+            return "pass"
+        if any(r.verdict == "fail" for r in self.rows):
+            return "fail"
+        return "inconclusive"
+
 
 # --------------------------------------------------------------------------- verdicts
 
@@ -163,9 +202,9 @@ def _bound_check(criterion: str, values: pd.Series, limit: float, *, upper: bool
     unknown = int((values.isna() & has_rows).sum())
     present = values[has_rows].dropna()
     if unknown:
-        return Check(criterion, f"inconclusive: {unknown} image(s) have no value", False)
+        return Check(criterion, f"inconclusive: {unknown} image(s) have no value", False, inconclusive=True)
     if present.empty:
-        return Check(criterion, "inconclusive: no image has a reconstruction", False)
+        return Check(criterion, "inconclusive: no image has a reconstruction", False, inconclusive=True)
     extreme = float(present.max() if upper else present.min())
     beyond = int((present > limit).sum() if upper else (present < limit).sum())
     word = "max" if upper else "min"
@@ -173,8 +212,29 @@ def _bound_check(criterion: str, values: pd.Series, limit: float, *, upper: bool
                  beyond == 0)
 
 
+def _control_check(control: ControlFigures | None, limits: Limits, *, results: ResultSet, victim: str,
+                   protocol: str) -> tuple[Check, str]:
+    """The positive-control check, and the reason in words when it does not hold."""
+    criterion = (f"positive control leaks ({results.threshold.describe()}) on ≥ {100 * limits.control_share:g}% of "
+                 "images")
+    if control is None:
+        reason = (f"no positive control with an attack (baselines do not count) is stored for this row (the "
+                  f"undefended {victim} at FedSGD batch size 1 on the same images): run the suite again with this "
+                  "leakbench, which adds it; a recorded client's update has none")
+        return Check(criterion, "none stored", False, inconclusive=True), reason
+    if _missing(control.leak_rate):
+        return (Check(criterion, f"inconclusive: the threshold's metric is missing; {control.describe()}", False,
+                      inconclusive=True),
+                "the positive control's leak rate is unknown (the threshold's metric is missing)")
+    if control.leak_rate >= limits.control_share:
+        return Check(criterion, control.describe(), True), ""
+    reason = (f"the battery does not break the undefended {control.victim} at this budget: raise the budget or use a "
+              "stronger battery")
+    return Check(criterion, control.describe(), False, inconclusive=True), reason
+
+
 def _row_verdict(row: dict[str, Any], images: pd.DataFrame, limits: Limits, *, results: ResultSet, store: Store,
-                 evidence_images: int) -> RowVerdict:
+                 evidence_images: int, control: ControlFigures | None = None) -> RowVerdict:
     checks = []
     if limits.max_psnr_db is not None:
         checks.append(_bound_check(f"worst-case PSNR ≤ {limits.max_psnr_db:g} dB", images["worst_psnr_db"],
@@ -189,24 +249,39 @@ def _row_verdict(row: dict[str, Any], images: pd.DataFrame, limits: Limits, *, r
         rate = row["leak_rate"]
         criterion = f"leak rate ({results.threshold.describe()}) ≤ {100 * limits.max_leak_rate:g}%"
         if math.isnan(rate):
-            checks.append(Check(criterion, "inconclusive: the threshold's metric is missing", False))
+            checks.append(Check(criterion, "inconclusive: the threshold's metric is missing", False, inconclusive=True))
         else:
             checks.append(Check(criterion, f"{100 * rate:.1f}% ({row['leaked_images']}/{row['images']})",
                                 rate <= limits.max_leak_rate))
     failed = int(row["failed_rows"])
     if failed:
         checks.append(Check("every attack run completed", f"{failed} of {row['rows']} rows failed (error, timeout, oom)",
-                            limits.allow_failures))
+                            limits.allow_failures, inconclusive=True))
     else:
         checks.append(Check("every attack run completed", f"all {row['rows']} rows ok", True))
     rero = rero_summary(row)
-    attacks_pass = limits.attack_limits and all(c.passed for c in checks)
+    rero_checks: list[Check] = []
     guarantee_pass = False
     if limits.max_rero is not None:
-        check = rero_check(rero, limits.max_rero)
-        guarantee_pass = check.passed
-        checks.append(check)
-    certified_by = "guarantee" if guarantee_pass else ("attacks" if attacks_pass else "")
+        rero_checks.append(rero_check(rero, limits.max_rero))
+        guarantee_pass = rero_checks[0].passed
+    control_check, reason = _control_check(control, limits, results=results, victim=row["victim"],
+                                           protocol=row["protocol"])
+    checks.append(control_check)
+    if any(not c.passed and not c.inconclusive for c in checks):
+        verdict, reason = "fail", ""  # a leak seen is a fail, whatever the control says
+    elif all(c.passed for c in checks):
+        verdict = "pass"
+    else:
+        verdict = "inconclusive"
+        reason = reason or "; ".join(f"{c.criterion}: {c.observed}" for c in checks if not c.passed)
+    if guarantee_pass:  # the guarantee needs no attack and no control (unless the attacks contradict it)
+        verdict, reason, certified_by = "pass", "", "guarantee"
+    elif not limits.attack_limits:  # only --max-rero was asked, and the row has no such bound
+        verdict, reason, certified_by = "fail", "", ""
+    else:
+        certified_by = "attacks" if verdict == "pass" else ""
+    checks += rero_checks
     notes = []
     if row["flagged_rows"] or row["flagged_cells"]:
         notes.append(f"sanity flags raised: {row['flags']}; review them before relying on this verdict")
@@ -214,9 +289,9 @@ def _row_verdict(row: dict[str, Any], images: pd.DataFrame, limits: Limits, *, r
     evidence = tuple(_evidence(image, results=results, store=store)
                      for image in ordered.head(evidence_images).to_dict("records"))
     return RowVerdict(victim=row["victim"], defense=row["defense"], protocol=row["protocol"],
-                      passed=bool(certified_by), checks=tuple(checks), evidence=evidence,
-                      images=int(row["images"]), failed_rows=failed, notes=tuple(notes), rero=rero,
-                      certified_by=certified_by)
+                      passed=verdict == "pass", checks=tuple(checks), evidence=evidence,
+                      images=int(row["images"]), failed_rows=failed, notes=tuple(notes), verdict=verdict,
+                      control=control, reason=reason, rero=rero, certified_by=certified_by)
 
 
 def rero_summary(row: dict[str, Any]) -> dict[str, Any]:
@@ -316,10 +391,12 @@ def certify(results: ResultSet, *, limits: Limits, evidence_images: int = DEFAUL
     board = leaderboard(results)
     images = per_image_worst(results)
     by_group = {key: g for key, g in images.groupby(["victim", "defense", "protocol"], sort=False)}
+    controls = control_figures(results)
     with Store(results.store_path, readonly=True) as store:
         rows = tuple(
             _row_verdict(row, by_group[(row["victim"], row["defense"], row["protocol"])], limits, results=results,
-                         store=store, evidence_images=evidence_images)
+                         store=store, evidence_images=evidence_images,
+                         control=controls.get((row["victim"], row["defense"], row["protocol"])))
             for row in board.to_dict("records")
         )
     return Certificate(results=results, limits=limits, rows=rows, scope=certificate_scope(results),
@@ -334,8 +411,11 @@ def certificate_markdown(certificate: Certificate, *, evidence_paths: dict[tuple
     """The verdict in Markdown: overall result, scope, limits, one table row per (victim, defense), evidence."""
     results = certificate.results
     passed = [r for r in certificate.rows if r.passed]
-    verdict = "✅ PASS" if certificate.passed else "❌ FAIL"
-    lines = [f"### leakbench certify: {verdict} ({len(passed)} of {len(certificate.rows)} row(s) pass)", "",
+    inconclusive = [r for r in certificate.rows if r.verdict == "inconclusive"]
+    verdict = {"pass": "✅ PASS", "fail": "❌ FAIL", "inconclusive": "❔ INCONCLUSIVE"}[certificate.verdict]
+    counts = f"{len(passed)} of {len(certificate.rows)} row(s) pass" + (
+        f", {len(inconclusive)} inconclusive" if inconclusive else "")
+    lines = [f"### leakbench certify: {verdict} ({counts})", "",
              f"**Holds for**: {_md(certificate.scope)}", "",
              "**Limits**: " + "; ".join(_md(t) for t in certificate.limits.describe()) + ".", ""]
     for warning in certificate.warnings:
@@ -347,18 +427,19 @@ def certificate_markdown(certificate: Certificate, *, evidence_paths: dict[tuple
         lines.append("")
     if not certificate.rows:
         lines.append("No results stored for this suite: nothing is certified.")
-    titles = ["verdict", "victim", "defense", "protocol", "images", "checks"]
-    lines += [_md_row(titles), "|---|---|---|---|---:|---|"]
+    titles = ["verdict", "victim", "defense", "protocol", "images", "positive control", "checks"]
+    lines += [_md_row(titles), "|---|---|---|---|---:|---|---|"]
     for row in certificate.rows:
-        checks = "; ".join(f"{'✅' if c.passed else '❌'} {c.criterion}: {c.observed}" for c in row.checks)
+        checks = "; ".join(f"{_CHECK_MARK[c.as_dict()['status']]} {c.criterion}: {c.observed}" for c in row.checks)
         verdict_text = ("✅ pass (certified by the guarantee)" if row.certified_by == "guarantee"
-                        else "✅ pass" if row.passed else "❌ fail")
-        lines.append(_md_row([verdict_text, row.victim, row.defense, row.protocol,
-                              str(row.images), checks]))
+                        else VERDICT_TEXT[row.verdict])
+        lines.append(_md_row([verdict_text, row.victim, row.defense, row.protocol, str(row.images),
+                              row.control.describe() if row.control else "none stored", checks]))
     lines += ["", "#### Evidence: the most-leaking images of each row", ""]
     for row in certificate.rows:
-        lines.append(f"**{_md(row.victim)} · {_md(row.defense)} · {_md(row.protocol)}** "
-                     f"({'pass' if row.passed else 'fail'})")
+        lines.append(f"**{_md(row.victim)} · {_md(row.defense)} · {_md(row.protocol)}** ({row.verdict})")
+        if row.reason:
+            lines.append(f"- ❔ inconclusive: {_md(row.reason)}")
         for note in row.notes:
             lines.append(f"- ⚠ {_md(note)}")
         if has_bound(row.rero):
@@ -375,12 +456,54 @@ def certificate_markdown(certificate: Certificate, *, evidence_paths: dict[tuple
         lines.append("")
     lines.append("Worst case = best reconstruction of an image over every attack of the battery and every trial. "
                  "A failed attack run counts as no leak in leaderboards, but a certificate needs the battery to have "
-                 "run: rows with failures fail as inconclusive unless --allow-failures.")
+                 "run: rows with failures are inconclusive unless --allow-failures. A row passes only when its "
+                 "positive control (the same victim and images, no defense, FedSGD batch 1, the same attacks) leaks: "
+                 "otherwise the battery has not shown it breaks even the easy case at this budget. Baselines "
+                 "(label_only) are floors, never a worst case.")
     return "\n".join(lines) + "\n"
 
 
+VERDICT_TEXT = {"pass": "✅ pass", "fail": "❌ fail", "inconclusive": "❔ inconclusive"}
+_CHECK_MARK = {"pass": "✅", "fail": "❌", "inconclusive": "❔"}
+
+
+def certificate_json(certificate: Certificate) -> dict[str, Any]:
+    """The certificate as JSON-able data: the overall verdict and, per row, its verdict, checks and control."""
+    results = certificate.results
+    return {
+        "suite": results.suite_name,
+        "suite_hash": results.suite_hash,
+        "verdict": certificate.verdict,
+        "passed": certificate.passed,
+        "scope": certificate.scope,
+        "leak_threshold": results.threshold.describe(),
+        "limits": certificate.limits.describe(),
+        "control_share": certificate.limits.control_share,
+        "warnings": list(certificate.warnings),
+        "rows": [
+            {
+                "victim": row.victim, "defense": row.defense, "protocol": row.protocol, "verdict": row.verdict,
+                "reason": row.reason or None, "images": row.images, "failed_rows": row.failed_rows,
+                "checks": [c.as_dict() for c in row.checks],
+                "control": None if row.control is None else row.control.as_dict(),
+                "notes": list(row.notes),
+                "certified_by": row.certified_by or None,
+                "rero": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.rero.items()}
+                        if has_bound(row.rero) else None,
+                "evidence": [{"image_id": e.image_id, "worst_psnr_db": None if math.isnan(e.worst_psnr_db)
+                              else e.worst_psnr_db, "leaked": e.leaked, "attack": e.attack, "trial": e.trial}
+                             for e in row.evidence],
+            }
+            for row in certificate.rows
+        ],
+    }
+
+
 def write_certificate(certificate: Certificate, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write certificate.md (evidence PNGs beside it, under certificate/) and a self-contained certificate.html."""
+    """Write certificate.md (evidence PNGs beside it, under certificate/), a self-contained certificate.html and
+    certificate.json (``certificate_json``) beside them; returns the Markdown and HTML paths."""
+    import json
+
     from leakbench.reports.html import _data_uri, environment
 
     out = Path(out_dir)
@@ -406,8 +529,10 @@ def write_certificate(certificate: Certificate, out_dir: str | Path) -> tuple[Pa
                   for row in certificate.rows for i, e in enumerate(row.evidence)},
     )
     html_path.write_text(html, encoding="utf-8")
+    (out / "certificate.json").write_text(json.dumps(certificate_json(certificate), indent=2, ensure_ascii=False)
+                                          + "\n", encoding="utf-8")
     return markdown_path, html_path
 
 
-__all__ = ["Certificate", "Check", "Evidence", "Limits", "RowVerdict", "certificate_markdown", "certificate_scope",
-           "certify", "write_certificate"]
+__all__ = ["Certificate", "Check", "Evidence", "Limits", "RowVerdict", "VERDICTS", "certificate_json",
+           "certificate_markdown", "certificate_scope", "certify", "write_certificate"]

@@ -69,6 +69,13 @@ class ResultSet:
     suite_hash: str
     threshold: Threshold
     store_path: Path
+    # Every row, those of cells added only as positive controls too (``rows`` leaves them out:
+    # they are evidence for other rows, not rows of the leaderboard). None: same as ``rows``.
+    all_rows: pd.DataFrame | None = None
+
+    @property
+    def every_row(self) -> pd.DataFrame:
+        return self.rows if self.all_rows is None else self.all_rows
 
     @property
     def attack_labels(self) -> list[str]:
@@ -150,8 +157,24 @@ def load_results(store_path: str | Path, *, suite_hash: str | None = None) -> Re
     if str(latest["leak_metric"]) not in THRESHOLD_METRICS:
         raise ReportError(f"unknown leak metric {latest['leak_metric']!r} in {path}; expected one of {THRESHOLD_METRICS}")
     threshold = Threshold(str(latest["leak_metric"]), float(latest["leak_value"]))
-    return ResultSet(rows=_prepare(rows), runs=runs_frame, suite_name=str(latest["suite_name"]),
-                     suite_hash=suite_hash, threshold=threshold, store_path=path)
+    every = _prepare(rows)
+    return ResultSet(rows=every[~_control_only(every)].reset_index(drop=True), runs=runs_frame,
+                     suite_name=str(latest["suite_name"]), suite_hash=suite_hash, threshold=threshold, store_path=path,
+                     all_rows=every)
+
+
+def _control_only(rows: pd.DataFrame) -> pd.Series:
+    """Rows of cells that no case names: positive controls leakbench added for other rows."""
+    control = pd.to_numeric(rows["control"], errors="coerce").fillna(0).astype(int) == 1
+    no_case = rows["case_indices_json"].map(lambda text: parse_json(text, [None]) == [])
+    return control & no_case
+
+
+def baseline_rows(rows: pd.DataFrame) -> pd.Series:
+    """Rows of baselines (floors such as label_only's grey guess, as the registry declared when they ran)."""
+    if "baseline" not in rows:
+        return rows["attack"] == "label_only"
+    return pd.to_numeric(rows["baseline"], errors="coerce").fillna(0).astype(int) == 1
 
 
 def _result_columns(store: Store) -> list[str]:
@@ -220,28 +243,33 @@ def per_image_worst(results: ResultSet) -> pd.DataFrame:
     rows = results.rows
     keys = [*GROUP_COLUMNS, "image_id"]
     threshold = results.threshold
-    ok = rows[rows["status"] == "ok"]
+    rows = rows.assign(_attack_ok=(rows["status"] == "ok") & ~baseline_rows(rows))
+    ok_every = rows[rows["status"] == "ok"]
+    ok = rows[rows["_attack_ok"]]  # baselines are floors: never a worst case
     every = rows.groupby(keys, sort=False, dropna=False).agg(
         true_label=("true_label", "first"), rows=("status", "size"),
-        ok_rows=("status", lambda s: int((s == "ok").sum())))
+        ok_rows=("status", lambda s: int((s == "ok").sum())), attack_ok_rows=("_attack_ok", "sum"))
     worst = ok.groupby(keys, sort=False, dropna=False).agg(
-        worst_psnr_db=("psnr_db", "max"), worst_ssim=("ssim", "max"), worst_lpips=("lpips", "min"),
-        worst_label_accuracy=("label_accuracy", "max"))
+        worst_psnr_db=("psnr_db", "max"), worst_ssim=("ssim", "max"), worst_lpips=("lpips", "min"))
+    # label recovery is the label strategy's, whichever image guess it came with: baselines count here
+    labels = ok_every.groupby(keys, sort=False, dropna=False).agg(worst_label_accuracy=("label_accuracy", "max"))
+    floor = ok_every[baseline_rows(ok_every)].groupby(keys, sort=False, dropna=False).agg(
+        floor_psnr_db=("psnr_db", "max"))
     # The row behind the best PSNR: a stable sort keeps the first of equal values, like idxmax.
     best = (ok[ok["psnr_db"].notna()].sort_values("psnr_db", ascending=False, kind="stable")
             .drop_duplicates(keys).set_index(keys)[["attack_label", "attack_key", "trial", "cell_key", "image_slot"]]
             .rename(columns=lambda c: "best_" + c.removesuffix("_label")))
-    frame = every.join(worst).join(best).reset_index().rename(columns=_GROUP_OUT)
+    frame = every.join(worst).join(labels).join(floor).join(best).reset_index().rename(columns=_GROUP_OUT)
     frame["failed_rows"] = frame["rows"] - frame["ok_rows"]
     frame["leaked"] = _leaked(frame, threshold)
     columns = [*_GROUP_OUT.values(), "image_id", "true_label", "worst_psnr_db", "worst_ssim", "worst_lpips",
-               "worst_label_accuracy", "leaked",
+               "worst_label_accuracy", "leaked", "floor_psnr_db",
                "best_attack", "best_attack_key", "best_trial", "best_cell_key", "best_image_slot", "rows", "ok_rows",
-               "failed_rows"]
+               "attack_ok_rows", "failed_rows"]
     frame = frame.reindex(columns=columns)
-    for column in ("worst_psnr_db", "worst_ssim", "worst_lpips", "worst_label_accuracy"):
+    for column in ("worst_psnr_db", "worst_ssim", "worst_lpips", "worst_label_accuracy", "floor_psnr_db"):
         frame[column] = frame[column].astype(float)
-    for column in ("true_label", "rows", "ok_rows", "failed_rows"):
+    for column in ("true_label", "rows", "ok_rows", "attack_ok_rows", "failed_rows"):
         frame[column] = frame[column].astype(int)
     for column in ("best_trial", "best_image_slot"):
         frame[column] = frame[column].astype("Int64")
@@ -249,13 +277,126 @@ def per_image_worst(results: ResultSet) -> pd.DataFrame:
 
 
 def _leaked(images: pd.DataFrame, threshold: Threshold) -> pd.Series:
-    """Per image: True/False, False when every row failed, <NA> when ok rows lack the threshold's metric."""
+    """Per image: True/False, False when every attack row failed (or only baselines ran), <NA> when ok rows
+    lack the threshold's metric."""
     worst = images[f"worst_{threshold.metric}"].astype(float)
     passes = worst < threshold.value if threshold.lower_is_worse else worst > threshold.value
     leaked = passes.astype("boolean")
-    leaked[worst.isna() & (images["ok_rows"] > 0)] = pd.NA  # nobody knows
-    leaked[images["ok_rows"] == 0] = False  # every row failed: no reconstruction, so no leak (still counted)
+    attack_ok = images["attack_ok_rows"] if "attack_ok_rows" in images else images["ok_rows"]
+    leaked[worst.isna() & (attack_ok > 0)] = pd.NA  # nobody knows
+    leaked[attack_ok == 0] = False  # every attack row failed: no reconstruction, so no leak (still counted)
     return leaked
+
+
+# --------------------------------------------------------------------------- positive controls
+
+
+CONTROL_DEFENSE = "none"
+CONTROL_PROTOCOL = "fedsgd"
+
+
+@dataclass(frozen=True)
+class ControlFigures:
+    """A row's positive control: the same victim and images, no defense, FedSGD batch 1, the same attacks.
+
+    ``own``: the row is its own control (undefended FedSGD at batch size 1). Per image, the
+    worst case over the control's ok attack rows (baselines left out) leaks when it passes the
+    suite's threshold; ``leak_rate`` is NaN when the threshold's metric is missing.
+    """
+
+    victim: str
+    protocol: str
+    own: bool
+    images: int
+    leaked_images: int
+    leak_rate: float
+    worst_psnr_db: float  # mean over images of the per-image worst case
+    max_psnr_db: float
+    failed_rows: int
+    attacks: tuple[str, ...]
+
+    def describe(self) -> str:
+        where = "the row itself" if self.own else f"{self.victim} · {CONTROL_DEFENSE} · {self.protocol}"
+        rate = "n/a" if _missing(self.leak_rate) else f"{100 * self.leak_rate:.1f}%"
+        return (f"{where}: {rate} of images leak ({self.leaked_images}/{self.images}), worst-case PSNR mean "
+                f"{_num(self.worst_psnr_db, 2)} dB, max {_num(self.max_psnr_db, 2)} dB")
+
+    def as_dict(self) -> dict[str, Any]:
+        def number(value: float) -> float | None:
+            return None if _missing(value) else float(value)
+
+        return {"victim": self.victim, "defense": CONTROL_DEFENSE, "protocol": self.protocol, "own": self.own,
+                "images": self.images, "leaked_images": self.leaked_images, "leak_rate": number(self.leak_rate),
+                "worst_psnr_db_mean": number(self.worst_psnr_db), "worst_psnr_db_max": number(self.max_psnr_db),
+                "failed_rows": self.failed_rows, "attacks": list(self.attacks)}
+
+
+def _is_control_form(group: pd.DataFrame) -> bool:
+    """Whether every cell of a row is undefended FedSGD of one client at batch size 1 (its own control)."""
+    def one_client(text: Any) -> bool:
+        identity = parse_json(text, {})
+        params = identity.get("params", {}) if isinstance(identity, dict) else {}
+        return isinstance(params, dict) and params.get("clients", 1) == 1
+    return bool(len(group)) and bool((group["defense"] == CONTROL_DEFENSE).all()
+                                     and (group["protocol"] == CONTROL_PROTOCOL).all()
+                                     and (group["batch_size"].astype(int) == 1).all()
+                                     and group["protocol_json"].map(one_client).all())
+
+
+def control_figures(results: ResultSet) -> dict[tuple[str, str, str], ControlFigures | None]:
+    """Per leaderboard row (victim, defense, protocol): its positive control's figures, None when none is stored.
+
+    The control is read from the cells' ``control_json`` (the control cells and the attacks
+    run on them for this row); a row without one whose cells are all undefended FedSGD at
+    batch size 1 is its own control (stores from before controls, hand-made stores).
+    """
+    every = results.every_row
+    out: dict[tuple[str, str, str], ControlFigures | None] = {}
+    for key, group in results.rows.groupby(list(GROUP_COLUMNS), sort=False):
+        cells = group.drop_duplicates("cell_key")
+        named = [parse_json(text, {}) for text in cells["control_json"]]
+        named = [n for n in named if isinstance(n, dict) and n.get("cells")]
+        own = _is_control_form(group)
+        if named:
+            cell_keys = {k for n in named for k in n.get("cells", [])}
+            attack_keys = {k for n in named for k in n.get("attacks", [])}
+            control = every[every["cell_key"].isin(cell_keys) & every["attack_key"].isin(attack_keys)]
+            own = own and cell_keys <= set(cells["cell_key"])
+        elif own:
+            control = group
+        else:
+            out[key] = None
+            continue
+        control = control[~baseline_rows(control)]
+        if control.empty:
+            out[key] = None
+            continue
+        out[key] = _control_figures(control, results=results, own=own)
+    return out
+
+
+def _control_figures(control: pd.DataFrame, *, results: ResultSet, own: bool) -> ControlFigures:
+    threshold = results.threshold
+    ok = control[control["status"] == "ok"]
+    per_image = control.groupby("image_id", sort=False).agg(rows=("status", "size"))
+    per_image["attack_ok_rows"] = ok.groupby("image_id", sort=False)["status"].size()
+    per_image["attack_ok_rows"] = per_image["attack_ok_rows"].fillna(0).astype(int)
+    per_image["ok_rows"] = per_image["attack_ok_rows"]
+    worst = ok.groupby("image_id", sort=False).agg(worst_psnr_db=("psnr_db", "max"), worst_ssim=("ssim", "max"),
+                                                    worst_lpips=("lpips", "min"))
+    per_image = per_image.join(worst)
+    leaked = _leaked(per_image, threshold)
+    rate = _leak_rate(leaked)
+    psnr = per_image["worst_psnr_db"].astype(float).dropna()
+    protocols = list(dict.fromkeys(control["protocol_label"]))
+    return ControlFigures(
+        victim=str(control["victim_label"].iloc[0]), protocol=", ".join(protocols), own=own,
+        images=len(per_image), leaked_images=int(rate["leaked_images"]), leak_rate=float(rate["leak_rate"]),
+        worst_psnr_db=float(psnr.mean()) if len(psnr) else math.nan,
+        max_psnr_db=float(psnr.max()) if len(psnr) else math.nan,
+        failed_rows=int((control["status"] != "ok").sum()),
+        attacks=tuple(dict.fromkeys(str(a) for a in control["attack_label"])),
+    )
 
 
 # --------------------------------------------------------------------------- leaderboard
@@ -331,13 +472,15 @@ BOARD_COLUMNS = (
     *(c for name in WORST_COLUMNS for c in _with_interval(name)),
     *(c for name in AVERAGE_COLUMNS for c in _with_interval(name)),
     *_with_interval("leak_rate"), "leaked_images", "leak_threshold",
+    "floor_psnr_db", "gain_over_floor_db",
+    "control_leak_rate", "control_leaked_images", "control_images", "control_worst_psnr_db", "control",
     *DEFENSE_NUMBER_COLUMNS, *RERO_BOARD_COLUMNS, "defense_notes", "victim_state", "victim_test_accuracy", "victim_notes",
     "rows", "failed_rows", "failed_cells", "flagged_rows", "flagged_cells", "flags",
     "battery", "oracle_labels", "shared_bn_stats", "lpips_note",
 )
 _INT_COLUMNS = ("batch_size", "images", "cells", "leaked_images", "rows", "failed_rows", "failed_cells",
-                "flagged_rows", "flagged_cells")
-_TEXT_COLUMNS = ("victim", "defense", "protocol", "leak_threshold", "rero_note", "defense_notes", "victim_state",
+                "flagged_rows", "flagged_cells", "control_leaked_images", "control_images")
+_TEXT_COLUMNS = ("victim", "defense", "protocol", "leak_threshold", "control", "rero_note", "defense_notes", "victim_state",
                  "victim_notes", "flags", "battery", "lpips_note")
 _BOOL_COLUMNS = ("oracle_labels", "shared_bn_stats", "rero_exceeded")
 
@@ -358,11 +501,13 @@ def leaderboard(results: ResultSet) -> pd.DataFrame:
     images = per_image_worst(results)
     attacks = results.attack_labels
     images_by_group = dict(iter(images.groupby(list(_GROUP_OUT.values()), sort=False)))
+    controls = control_figures(results)
     records = []
     extra_defense_keys: dict[str, None] = {}
     for key, group in rows.groupby(list(GROUP_COLUMNS), sort=False):
         group_images = images_by_group[key]
-        ok = group[group["status"] == "ok"]
+        ok_every = group[group["status"] == "ok"]
+        ok = ok_every[~baseline_rows(ok_every)]  # baselines are floors: not in the averages
         cells = group.drop_duplicates("cell_key")
         record: dict[str, Any] = dict(zip(_GROUP_OUT.values(), key))
         record.update(
@@ -378,6 +523,21 @@ def leaderboard(results: ResultSet) -> pd.DataFrame:
             record[column], record[f"{column}_lo"], record[f"{column}_hi"] = _pooled_mean(ok, metric)
         record.update(_leak_rate(group_images["leaked"]))
         record["leak_threshold"] = results.threshold.describe()
+        if "label_accuracy" in AVERAGE_COLUMNS:  # label recovery counts the baselines' labels too
+            record["label_accuracy"], record["label_accuracy_lo"], record["label_accuracy_hi"] = _pooled_mean(
+                ok_every, "label_accuracy")
+        floors = group_images["floor_psnr_db"].dropna()
+        record["floor_psnr_db"] = float(floors.mean()) if len(floors) else math.nan
+        gains = (group_images["worst_psnr_db"] - group_images["floor_psnr_db"]).dropna()
+        record["gain_over_floor_db"] = float(gains.mean()) if len(gains) else math.nan
+        control = controls.get(key)
+        record.update(
+            control_leak_rate=math.nan if control is None else control.leak_rate,
+            control_leaked_images=0 if control is None else control.leaked_images,
+            control_images=0 if control is None else control.images,
+            control_worst_psnr_db=math.nan if control is None else control.worst_psnr_db,
+            control="" if control is None else control.describe(),
+        )
         defense = _defense_info(cells["defense_info_json"])
         extra_defense_keys.update(dict.fromkeys(k for k in defense if k not in DEFENSE_NUMBER_COLUMNS
                                                 and k != "defense_notes"))
@@ -403,7 +563,7 @@ def leaderboard(results: ResultSet) -> pd.DataFrame:
             record["flags"] = "; ".join(f for f in (record["flags"], f"{RERO_FLAG}: measured leak rate above the "
                                                      "ReRo ceiling gamma") if f)
         for label in attacks:
-            by_attack = ok[ok["attack_label"] == label]
+            by_attack = ok_every[ok_every["attack_label"] == label]  # a baseline's own column shows its floor
             record[attack_column(label)] = _mean(by_attack.groupby("image_id")["psnr_db"].max())
         records.append(record)
     extra = [defense_info_column(k) for k in extra_defense_keys]
@@ -681,6 +841,7 @@ def optional_columns(board: pd.DataFrame) -> dict[str, bool]:
         "flags": bool(len(board)) and (bool((board["flagged_rows"] + board["flagged_cells"]).sum() > 0)
                                        or bool(board["rero_exceeded"].any())),
         "battery": any_text("battery") and set(board["battery"]) != {NO_BATTERY},
+        "floor": any_number("floor_psnr_db"),
     }
 
 
@@ -711,7 +872,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         lines.append("")
     titles = ["victim", "defense", "protocol", "batch", "images", "worst PSNR (dB)", "worst SSIM", "worst LPIPS",
               "worst label acc.", "avg PSNR (dB)", "avg SSIM", "avg LPIPS", "avg label acc.",
-              f"leak rate ({threshold})"]
+              f"leak rate ({threshold})", "control leak rate"]
+    titles += ["floor PSNR (dB)", "gain over floor (dB)"] * show["floor"]
     titles += ["ε (δ)"] * show["epsilon"] + ["ReRo ceiling γ (estimated κ̂) vs measured"] * show["rero"]
     titles += ["update cosine"] * show["utility"]
     titles += ["FL accuracy (undefended)"] * show["accuracy"]
@@ -737,7 +899,10 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
              f"{_pct(row['leak_rate'])} ({row['leaked_images']}/{row['images']})"
              + ("" if _pct(row["leak_rate_lo"]) == _pct(row["leak_rate_hi"]) else
                 f" [{_pct(row['leak_rate_lo'])}, {_pct(row['leak_rate_hi'])}]")),
+            control_rate_text(row),
         ]
+        if show["floor"]:
+            cells += [_num(row["floor_psnr_db"], 2), _signed(row["gain_over_floor_db"], 2)]
         if show["epsilon"]:
             cells.append(_epsilon_text(row))
         if show["rero"]:
@@ -766,6 +931,9 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         "rows (failed); cells (failed) counts the cells with any failed row; an image with only failed rows counts "
         f"as not leaked. PSNR is capped at {PSNR_CAP_DB:g} dB for identical images."
     )
+    lines.append(CONTROL_NOTE)
+    if show["floor"]:
+        lines.append(FLOOR_NOTE)
     if show["accuracy"]:
         lines.append(ACCURACY_NOTE)
     if show["rero"]:
@@ -826,6 +994,26 @@ def _epsilon_text(row: dict[str, Any]) -> str:
         return "n/a"
     delta = "" if _missing(row["delta"]) else f" (δ={row['delta']:.0e})"
     return f"{row['epsilon']:.3g}{delta}"
+
+
+CONTROL_NOTE = ("Control leak rate: the share of images leaking in the row's positive control (the same victim and "
+                "images, no defense, FedSGD batch 1, the same attacks; \"own\" when the row is its own control); "
+                "n/a when none is stored. A row whose control does not leak proves nothing: certify calls it "
+                "inconclusive.")
+FLOOR_NOTE = ("Floor: mean PSNR of the baselines (label_only's grey guess), which never enter the worst case, the "
+              "averages or the leak rate; gain over floor: mean over images of the worst case minus the floor.")
+
+
+def control_rate_text(row: dict[str, Any]) -> str:
+    """``75.0% (3/4)``, ``own`` marked, or ``n/a`` when no control is stored."""
+    if _missing(row["control_leak_rate"]):
+        return "n/a" if not row["control_images"] else "n/a (metric missing)"
+    own = " own" if row["control"].startswith("the row itself") else ""
+    return f"{_pct(row['control_leak_rate'])} ({row['control_leaked_images']}/{row['control_images']}){own}"
+
+
+def _signed(value: Any, digits: int) -> str:
+    return "n/a" if _missing(value) else f"{value:+.{digits}f}"
 
 
 ACCURACY_NOTE = ("FL accuracy: top-1 accuracy on the suite's images after the suite's short, seeded FL training "

@@ -47,6 +47,9 @@ class Entry(Generic[T]):
     factory: Callable[..., T]
     summary: str
     signature: inspect.Signature
+    # A baseline is a floor, not an attack (a prior-only guess such as ``label_only``'s grey
+    # image): reports show it beside the results and keep it out of worst cases and leak rates.
+    baseline: bool = False
 
     def parameters(self, *, exclude: Iterable[str] = ()) -> dict[str, inspect.Parameter]:
         skip = set(exclude)
@@ -93,7 +96,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, *, version: str, summary: str | None = None):
+    def register(self, name: str, *, version: str, summary: str | None = None, baseline: bool = False):
         if not name or not isinstance(name, str):
             raise ValueError(f"{self.kind} registry: a name must be a non-empty string")
         if not isinstance(version, str) or not version:
@@ -112,6 +115,7 @@ class Registry(Generic[T]):
                 factory=factory,
                 summary=doc,
                 signature=inspect.signature(factory, eval_str=True),
+                baseline=baseline,
             )
             return factory
 

@@ -108,4 +108,4 @@ def test_certify_passes_where_the_battery_fails_and_refuses_bad_input(noisy_run,
     assert capsys.readouterr().out.startswith("### leakbench certify: ✅ PASS (1 of 1 row(s) pass)")
     assert main(["certify", str(suite_file), "--out", str(base)]) == 2  # no limit given
     assert main(["certify", str(suite_file), "--out", str(tmp_path / "empty"), "--max-psnr", "20", "--no-run"]) == 2
-    assert "lacks 8 attack run(s)" in capsys.readouterr().err
+    assert "lacks 16 attack run(s)" in capsys.readouterr().err  # 8 and their 8 positive controls

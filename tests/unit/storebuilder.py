@@ -48,8 +48,12 @@ class StoreBuilder:
              protocol: str = "fedsgd", protocol_params: dict | None = None, batch_size: int = 1, trial: int = 0,
              batch_index: int = 0, case: int = 0, labels: str = "recovered", bn_stats: str = "none",
              defense_info: dict | None = None, victim_info: dict | None = None, cell_flags: Sequence[Any] = (),
-             defense_version: str = "1", victim_version: str = "1", rero: dict | None = None) -> None:
-        """``rero``: the cell's ReRo columns (rero_kappa, rero_gamma_observed, ..., rero_json as a dict)."""
+             defense_version: str = "1", victim_version: str = "1", rero: dict | None = None,
+             cases: Sequence[int] | None = None, control: bool = False,
+             control_of: tuple[Sequence[str], Sequence[str]] | None = None) -> None:
+        """``rero``: the cell's ReRo columns (rero_kappa, rero_gamma_observed, ..., rero_json as a dict);
+        ``cases``: every case the cell belongs to (default ``[case]``; ``[]`` with ``control``: a cell added
+        only as a positive control); ``control_of``: (control cell keys, attack keys) of the cell's control."""
         defense_params = defense_params or {}
         protocol_params = {"batch_size": batch_size, **(protocol_params or {})}
         shown = ", ".join(f"{k}={v}" for k, v in defense_params.items())
@@ -65,6 +69,10 @@ class StoreBuilder:
             "protocol_json": json.dumps({"name": protocol, "version": "1", "params": protocol_params}),
             "batch_size": batch_size, "bn_mode": "train", "batch_index": batch_index, "trial": trial,
             "threat_labels": labels, "threat_bn_stats": bn_stats,
+            "case_indices_json": json.dumps(list(cases) if cases is not None else [case]),
+            "control": int(control),
+            "control_json": json.dumps({"cells": list(control_of[0]), "attacks": list(control_of[1])}
+                                       if control_of else {}),
         }
         if rero:
             fields.update({k: json.dumps(v) if k == "rero_json" else v for k, v in rero.items()})
@@ -74,7 +82,7 @@ class StoreBuilder:
     def attack(self, cell: str, images: Sequence[tuple], *, attack: str = "ig", version: str = "1",
                params: dict | None = None, labels: str = "idlg", battery: str | None = None, status: str = "ok",
                error: str | None = None, flags: Sequence[Any] = (), trace: Sequence[tuple[int, float]] = (),
-               key: str | None = None) -> None:
+               key: str | None = None, baseline: bool | None = None) -> None:
         """Rows of one (cell, attack): ``images`` are (image_id, psnr[, ssim[, lpips]]) in slot order."""
         params = params if params is not None else {"iterations": 10}
         attack_key = key or f"{attack}-{json.dumps(params, sort_keys=True)}"
@@ -97,7 +105,22 @@ class StoreBuilder:
                     "labels": {"name": labels, "version": "1"}, "battery": battery}
         self.store.put_results(suite_hash=self.suite_hash, cell_key=cell, attack_key=attack_key, run_id=self.run_id,
                                attack=identity, rows=rows, truth_pngs=truth, reconstruction_pngs=recon,
-                               created_utc=CREATED)
+                               created_utc=CREATED,
+                               baseline=attack == "label_only" if baseline is None else baseline)
+
+    def attack_key(self, attack: str = "ig", params: dict | None = None) -> str:
+        """The attack key ``attack()`` stores for these arguments."""
+        return f"{attack}-{json.dumps(params if params is not None else {'iterations': 10}, sort_keys=True)}"
+
+    def controls(self, victim: str, images: Sequence[tuple], *, prefix: str = "control", **attack: Any) -> list[str]:
+        """Cells added only as positive controls (undefended FedSGD batch 1), one per (image_id, psnr); their keys."""
+        keys = []
+        for index, image in enumerate(images):
+            key = f"{prefix}-{victim}-{index}"
+            self.cell(key, victim=victim, batch_index=index, cases=[], control=True)
+            self.attack(key, [image], **attack)
+            keys.append(key)
+        return keys
 
     def close(self) -> Path:
         self.store.end_run(self.run_id, status="finished", ended_utc="2024-06-11T00:05:00+00:00")
@@ -106,13 +129,22 @@ class StoreBuilder:
 
 
 def simple_store(out_dir: Path, psnrs: dict[str, Sequence[float]], *, suite_hash: str = "hash-a",
-                 image_prefix: str = "img", **kwargs: Any) -> Path:
-    """One cell per (victim|defense) key and image list: ``{"lenet|none": [25, 12, ...]}``, batch size 1 per image."""
+                 image_prefix: str = "img", control_psnr: float | None = None, **kwargs: Any) -> Path:
+    """One cell per (victim|defense) key and image list: ``{"lenet|none": [25, 12, ...]}``, batch size 1 per image.
+
+    ``control_psnr``: every row gets positive-control cells (one per image, all at this PSNR);
+    without it, only undefended rows have a control (themselves).
+    """
     builder = StoreBuilder(out_dir, suite_hash=suite_hash, **kwargs)
     for case, (group, values) in enumerate(psnrs.items()):
         victim, defense = group.split("|")
+        control_of = None
+        if control_psnr is not None:
+            keys = builder.controls(victim, [(f"{image_prefix}-{i}", control_psnr) for i in range(len(values))],
+                                    prefix=f"control{case}")
+            control_of = (keys, [builder.attack_key()])
         for index, psnr in enumerate(values):
             cell = f"{group}-{index}"
-            builder.cell(cell, victim=victim, defense=defense, batch_index=index, case=case)
+            builder.cell(cell, victim=victim, defense=defense, batch_index=index, case=case, control_of=control_of)
             builder.attack(cell, [(f"{image_prefix}-{index}", psnr)])
     return builder.close()

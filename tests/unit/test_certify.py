@@ -17,9 +17,16 @@ def verdicts(certificate) -> dict[str, bool]:
     return {f"{r.victim}|{r.defense}": r.passed for r in certificate.rows}
 
 
+def leaking_control(b: StoreBuilder, images: list[str], *, victim: str = "lenet", psnr: float = 30.0,
+                    **attack) -> tuple[list[str], list[str]]:
+    """Positive-control cells that leak (one per image, at ``psnr``): the ``control_of`` of a row's cells."""
+    keys = b.controls(victim, [(image, psnr) for image in images], **attack)
+    return keys, [b.attack_key(attack.get("attack", "ig"), attack.get("params"))]
+
+
 def test_bound_is_on_every_image_not_the_mean(tmp_path: Path) -> None:
     # lenet|none: mean 15 dB but one image at 28 dB -> fails a 20 dB bound; fc|noise: all under 20 -> passes.
-    path = simple_store(tmp_path, {"lenet|none": [28.0, 8.0, 9.0], "fc|noise": [12.0, 14.0, 19.5]})
+    path = simple_store(tmp_path, {"lenet|none": [28.0, 8.0, 9.0], "fc|noise": [12.0, 14.0, 19.5]}, control_psnr=30.0)
     certificate = certify(load_results(path), limits=Limits(max_psnr_db=20.0))
     assert verdicts(certificate) == {"lenet|none": False, "fc|noise": True}
     assert not certificate.passed
@@ -27,13 +34,13 @@ def test_bound_is_on_every_image_not_the_mean(tmp_path: Path) -> None:
     assert lenet.checks[0].observed == "max 28.00 dB (1 image(s) beyond)"
     assert [e.image_id for e in lenet.evidence] == ["img-0", "img-2", "img-1"]  # most-leaking first
     assert lenet.evidence[0].truth_png and lenet.evidence[0].reconstruction_png
-    only_fc = certify(load_results(simple_store(tmp_path / "fc", {"fc|noise": [12.0, 14.0, 19.5]})),
+    only_fc = certify(load_results(simple_store(tmp_path / "fc", {"fc|noise": [12.0, 14.0, 19.5]}, control_psnr=30.0)),
                       limits=Limits(max_psnr_db=20.0))
     assert only_fc.passed
 
 
 def test_leak_rate_limit_uses_the_suite_threshold(tmp_path: Path) -> None:
-    path = simple_store(tmp_path, {"lenet|none": [25.0, 8.0, 9.0, 10.0]})  # 1 of 4 above 20 dB
+    path = simple_store(tmp_path, {"lenet|none": [25.0, 8.0, 9.0, 10.0]}, control_psnr=30.0)  # 1 of 4 above 20 dB
     results = load_results(path)
     assert certify(results, limits=Limits(max_leak_rate=0.25)).passed
     failing = certify(results, limits=Limits(max_leak_rate=0.2))
@@ -44,8 +51,9 @@ def test_leak_rate_limit_uses_the_suite_threshold(tmp_path: Path) -> None:
 
 def test_failed_attack_runs_make_a_row_inconclusive_unless_allowed(tmp_path: Path) -> None:
     b = StoreBuilder(tmp_path)
+    control = leaking_control(b, ["img-0", "img-1", "img-2"])
     for index, (psnr, status) in enumerate([(10.0, "ok"), (11.0, "ok"), (0.0, "timeout")]):
-        b.cell(f"c{index}", batch_index=index)
+        b.cell(f"c{index}", batch_index=index, control_of=control)
         b.attack(f"c{index}", [(f"img-{index}", psnr)], status=status)
     results = load_results(b.close())
     strict = certify(results, limits=Limits(max_psnr_db=20.0))
@@ -53,12 +61,13 @@ def test_failed_attack_runs_make_a_row_inconclusive_unless_allowed(tmp_path: Pat
     failure = [c for c in strict.rows[0].checks if not c.passed]
     assert [c.criterion for c in failure] == ["every attack run completed"]
     assert failure[0].observed == "1 of 3 rows failed (error, timeout, oom)"
+    assert strict.rows[0].verdict == "inconclusive" and strict.verdict == "inconclusive"
     assert certify(results, limits=Limits(max_psnr_db=20.0, allow_failures=True)).passed
 
 
 def test_missing_metric_is_inconclusive_not_a_pass(tmp_path: Path) -> None:
     b = StoreBuilder(tmp_path)
-    b.cell("c0")
+    b.cell("c0", control_of=leaking_control(b, ["img-0"]))
     b.attack("c0", [("img-0", 10.0, 0.2, None)])  # LPIPS unavailable
     results = load_results(b.close())
     certificate = certify(results, limits=Limits(min_lpips=0.3))
@@ -77,7 +86,7 @@ def test_limits_are_required_and_checked() -> None:
 def test_scope_names_battery_attacks_and_every_threat_setting(tmp_path: Path) -> None:
     suite_text = THREAT_SUITE + 'public_proxy = "imagenet"\n'
     b = StoreBuilder(tmp_path, suite_text=suite_text)
-    b.cell("c0")
+    b.cell("c0", control_of=leaking_control(b, ["img-0"], battery="standard-v1", params={"iterations": 4800}))
     b.attack("c0", [("img-0", 10.0)], battery="standard-v1", params={"iterations": 4800})
     certificate = certify(load_results(b.close()), limits=Limits(max_psnr_db=20.0))
     scope = certificate.scope
@@ -119,3 +128,56 @@ def test_written_certificate_links_evidence_files(tmp_path: Path) -> None:
                     "lenet-none-fedsgd_batch_size_1-0-img-0-truth.png"]
     html = html_path.read_text()
     assert html.count('src="data:image/png;base64,') == 2 and "FAIL" in html
+
+
+def test_a_row_passes_only_when_its_control_leaks_on_the_stated_share(tmp_path: Path) -> None:
+    import json
+
+    b = StoreBuilder(tmp_path)
+    images = ["img-0", "img-1", "img-2", "img-3"]
+    # the control leaks on 1 of 4 images (30 dB once, 10 dB otherwise)
+    keys = [b.controls("lenet", [(image, psnr)], prefix=f"ctl{i}")[0]
+            for i, (image, psnr) in enumerate(zip(images, [30.0, 10.0, 10.0, 10.0]))]
+    control = (keys, [b.attack_key()])
+    for index, image in enumerate(images):
+        b.cell(f"quiet{index}", defense="noise", batch_index=index, control_of=control)
+        b.attack(f"quiet{index}", [(image, 8.0)])
+        b.cell(f"loud{index}", defense="weak", batch_index=index, case=1, control_of=control)
+        b.attack(f"loud{index}", [(image, 25.0)])
+    results = load_results(b.close())
+    default = certify(results, limits=Limits(max_psnr_db=20.0))
+    quiet, loud = default.rows
+    assert (quiet.verdict, loud.verdict, default.verdict) == ("inconclusive", "fail", "fail")
+    assert quiet.reason == ("the battery does not break the undefended lenet at this budget: raise the budget or use "
+                            "a stronger battery")
+    assert quiet.control is not None and (quiet.control.leaked_images, quiet.control.images) == (1, 4)
+    assert loud.reason == ""  # a leak seen is a fail, whatever the control says
+    # the control leaks on 25% of its images: enough when the stated share is a quarter
+    lenient = certify(results, limits=Limits(max_psnr_db=20.0, control_share=0.25))
+    assert [r.verdict for r in lenient.rows] == ["pass", "fail"]
+    # the cells added as controls are not rows, and the board shows the control's leak rate
+    from leakbench.reports import leaderboard
+
+    board = leaderboard(results)
+    assert list(board["defense"]) == ["noise", "weak"] and list(board["control_leak_rate"]) == [0.25, 0.25]
+    write_certificate(default, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "certificate.json").read_text())
+    assert data["verdict"] == "fail" and data["control_share"] == 0.5
+    row = data["rows"][0]
+    assert (row["victim"], row["defense"], row["protocol"], row["verdict"]) == ("lenet", "noise",
+                                                                                "fedsgd(batch_size=1)", "inconclusive")
+    assert row["control"]["leak_rate"] == 0.25 and row["control"]["worst_psnr_db_max"] == 30.0
+    assert [c["status"] for c in row["checks"]] == ["pass", "pass", "inconclusive"]
+    assert all({"criterion", "observed", "passed", "status"} <= set(c) for c in row["checks"])
+    markdown = (tmp_path / "out" / "certificate.md").read_text()
+    assert "| ❔ inconclusive | lenet | noise |" in markdown and "25.0% of images leak (1/4)" in markdown
+
+
+def test_a_control_form_row_without_a_stored_control_is_its_own(tmp_path: Path) -> None:
+    path = simple_store(tmp_path, {"lenet|none": [25.0, 8.0, 9.0], "lenet|noise": [8.0, 8.0, 8.0]})
+    certificate = certify(load_results(path), limits=Limits(max_leak_rate=0.5))
+    own, other = certificate.rows
+    assert own.control is not None and own.control.own and own.control.leaked_images == 1
+    assert own.verdict == "inconclusive"  # 1 of 3 leaks: under the default half
+    assert other.control is None and other.verdict == "inconclusive"
+    assert "no positive control" in other.reason

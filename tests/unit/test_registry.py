@@ -81,3 +81,11 @@ def test_derive_seed_is_stable_and_sensitive():
     import torch
 
     assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
+def test_attacks_declare_whether_they_are_a_baseline():
+    from leakbench import components
+
+    attacks = components.registries()["attack"]
+    assert attacks.get("label_only").baseline  # a grey guess: a floor, never a worst case
+    assert not any(attacks.get(name).baseline for name in attacks.names() if name != "label_only")

@@ -565,3 +565,54 @@ def test_report_header_names_battery_threat_settings_and_provenance(tmp_path: Pa
                  "1 run(s), 2024-06-11T00:00:00+00:00 to 2024-06-11T00:05:00+00:00", "commit abc123",
                  "device cpu: test", "leakbench 0.1.0, torch 2.3.0", "ok: 1", "none raised"):
         assert text in header, text
+
+
+def test_baselines_are_floors_never_the_worst_case_the_average_or_the_leak_rate(tmp_path) -> None:
+    from leakbench.reports.leaderboard import to_markdown
+    from storebuilder import StoreBuilder
+
+    b = StoreBuilder(tmp_path)
+    for index, (attack_db, grey_db) in enumerate([(10.0, 25.0), (14.0, 12.0)]):
+        b.cell(f"c{index}", victim="fc", batch_index=index)
+        b.attack(f"c{index}", [(f"img-{index}", attack_db)], attack="inverting_gradients")
+        b.attack(f"c{index}", [(f"img-{index}", grey_db)], attack="label_only", params={})
+    results = load_results(b.close())
+    board = leaderboard(results)
+    row = board.iloc[0]
+    # a grey guess above the attack (25 dB on img-0, past the 20 dB threshold) raises nothing
+    assert row["worst_psnr_db"] == pytest.approx(12.0)  # mean of 10 and 14: the attack's alone
+    assert row["avg_psnr_db"] == pytest.approx(12.0)
+    assert row["leak_rate"] == 0.0 and row["leaked_images"] == 0
+    assert row["floor_psnr_db"] == pytest.approx(18.5)  # the floor column shows the baseline's value
+    assert row["gain_over_floor_db"] == pytest.approx(((10 - 25) + (14 - 12)) / 2)
+    assert row["psnr_db[label_only]"] == pytest.approx(18.5)  # its own column still shows it
+    images = per_image_worst(results)
+    assert images["worst_psnr_db"].tolist() == [10.0, 14.0] and images["floor_psnr_db"].tolist() == [25.0, 12.0]
+    assert images["best_attack"].tolist() == ["inverting_gradients"] * 2
+    markdown = to_markdown(board, results=results)
+    assert "floor PSNR (dB)" in markdown and "| 18.50 | -6.50 |" in markdown
+    assert "never enter the worst case" in markdown
+
+
+def test_a_store_of_schema_2_gains_cases_controls_and_baselines(tmp_path) -> None:
+    import sqlite3
+
+    from storebuilder import StoreBuilder
+
+    b = StoreBuilder(tmp_path)
+    b.cell("c0", case=3)
+    b.attack("c0", [("img-0", 25.0)])
+    b.attack("c0", [("img-0", 30.0)], attack="label_only", params={})
+    path = b.close()
+    with sqlite3.connect(path) as conn:  # back to schema 2: the columns it lacked
+        for table, column in (("cells", "case_indices_json"), ("cells", "control"), ("cells", "control_json"),
+                              ("results", "baseline")):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 2")
+    Store(path).close()  # a writer migrates
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT case_indices_json, control FROM cells").fetchall() == [("[3]", 0)]
+        assert sorted(conn.execute("SELECT attack, baseline FROM results").fetchall()) == [("ig", 0),
+                                                                                          ("label_only", 1)]
+    row = leaderboard(load_results(path)).iloc[0]
+    assert row["worst_psnr_db"] == 25.0 and row["floor_psnr_db"] == 30.0 and row["control_leak_rate"] == 1.0

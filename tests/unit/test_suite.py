@@ -36,10 +36,12 @@ def test_good_suite_expands_deterministically():
     b = parse_suite(GOOD)
     assert a.hash == b.hash
     assert [c.key for c in a.cells] == [c.key for c in b.cells]
-    assert len(a.cells) == 2  # 4 images in batches of 2
-    assert all(len(c.image_indices) == 2 for c in a.cells)
+    assert len(a.case_cells()) == 2  # 4 images in batches of 2
+    assert all(len(c.image_indices) == 2 for c in a.case_cells())
     # the two batches hold different images
     assert set(a.cells[0].image_indices).isdisjoint(a.cells[1].image_indices)
+    # batch 2 is not its own control: one batch-1 control cell per image was added
+    assert len(a.cells) == 6 and a.control_only_cells() == 4
     # defaults are filled in, so the hash names the real configuration
     assert dict(a.cells[0].attacks[0].params)["restarts"] == 1
     assert a.cells[0].attacks[0].labels.name == "idlg"
@@ -130,7 +132,7 @@ def test_invalid_toml_and_missing_file(tmp_path):
 def test_victim_and_defense_lists_expand():
     text = GOOD.replace('victim = "test_tiny"', 'victim = ["test_tiny", { name = "test_tiny", width = 2 }]')
     suite = parse_suite(text)
-    assert len(suite.cells) == 4
+    assert len(suite.case_cells()) == 4
     assert len({c.victim.label() for c in suite.cells}) == 2
 
 
@@ -148,7 +150,7 @@ def test_smoke_budget_shrinks_work_but_keeps_structure():
     assert smoke.budget == "smoke" and smoke.hash != full.hash
     params = dict(smoke.cells[0].attacks[0].params)
     assert params["iterations"] == 4 and params["restarts"] == 1
-    assert sum(len(c.image_indices) for c in smoke.cells) == 2
+    assert sum(len(c.image_indices) for c in smoke.case_cells()) == 2
     assert {c.victim.name for c in smoke.cells} == {c.victim.name for c in full.cells}
     with pytest.raises(SuiteError, match="unknown budget"):
         parse_suite(text, budget="tiny")
@@ -160,10 +162,56 @@ def test_smoke_budget_shrinks_work_but_keeps_structure():
 def test_smoke_budget_keeps_enough_images_for_the_largest_batch():
     text = GOOD.replace("images = 4", "images = 8").replace("batch_size = 2", "batch_size = 4")
     smoke = parse_suite(text, budget="smoke")
-    assert len(smoke.cells) == 1 and len(smoke.cells[0].image_indices) == 4
+    assert len(smoke.case_cells()) == 1 and len(smoke.cells[0].image_indices) == 4
 
 
 def test_smoke_budget_attacks_one_batch_per_case():
     text = GOOD.replace("images = 4", "images = 8")
-    assert len(parse_suite(text).cells) == 4
-    assert len(parse_suite(text, budget="smoke").cells) == 1
+    assert len(parse_suite(text).case_cells()) == 4
+    assert len(parse_suite(text, budget="smoke").case_cells()) == 1
+
+
+CONTROLLED = GOOD.replace('protocol = { name = "fedsgd", batch_size = 2 }',
+                          'defense = { name = "gaussian_noise", sigma = 0.1 }\nprotocol = { name = "fedsgd", batch_size = 1 }')
+
+
+def test_defended_cells_get_positive_controls_named_and_marked():
+    suite = parse_suite(CONTROLLED)
+    defended = suite.case_cells()
+    controls = [c for c in suite.cells if not c.case_indices]
+    assert len(defended) == 4 and len(controls) == 4 and suite.control_only_cells() == 4
+    by_key = {c.key: c for c in suite.cells}
+    for cell in defended:
+        assert not cell.control and len(cell.control_cells) == 1
+        control = by_key[cell.control_cells[0]]
+        assert control.control and control.defense.name == "none"
+        assert control.protocol.kwargs()["batch_size"] == 1
+        assert control.image_indices == cell.image_indices and control.trial == cell.trial
+        assert control.victim_seed_parts == cell.victim_seed_parts  # the same server weights
+        assert cell.control_attacks == tuple(a.key for a in control.attacks) == tuple(a.key for a in cell.attacks)
+    # an undefended FedSGD batch-1 case is its own control: nothing is added
+    own = parse_suite(GOOD.replace("batch_size = 2", "batch_size = 1"))
+    assert own.control_only_cells() == 0
+    assert all(c.control and c.control_cells == (c.key,) for c in own.cells)
+
+
+def test_a_cell_shared_by_two_cases_is_one_cell_that_remembers_both():
+    two = CONTROLLED + """
+[[case]]
+victim = "test_tiny"
+protocol = { name = "fedsgd", batch_size = 1 }
+[[case.attacks]]
+name = "dlg"
+iterations = 3
+"""
+    suite = parse_suite(two)
+    keys = [c.key for c in suite.cells]
+    assert len(keys) == len(set(keys)) == 8  # 4 defended + 4 undefended, which are also the controls
+    assert suite.control_only_cells() == 0
+    shared = [c for c in suite.cells if c.case_indices == (0, 1)]
+    # the undefended cells belong to case 1 and serve as case 0's controls: both attacks run on them, once
+    assert len(shared) == 0 and all(c.case_indices in ((0,), (1,)) for c in suite.cells)
+    undefended = [c for c in suite.cells if c.defense.name == "none"]
+    assert len(undefended) == 4 and all(c.control for c in undefended)
+    assert all({a.name for a in c.attacks} == {"inverting_gradients", "dlg"} for c in undefended)
+    assert suite.work_items() == 4 * 1 + 4 * 2
