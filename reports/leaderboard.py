@@ -181,6 +181,8 @@ def _result_columns(store: Store) -> list[str]:
     """The columns of ``Store.results`` (results, then the cell's own), so an empty suite still has them."""
     results = [r[1] for r in store.conn.execute("PRAGMA table_info(results)")]
     cells = [r[1] for r in store.conn.execute("PRAGMA table_info(cells)") if r[1] not in ("suite_hash", "cell_key")]
+    # an unmigrated older store (read-only) reads defaults for the controls' columns (Store.results)
+    cells += [name for name in ("case_indices_json", "control", "control_json") if name not in cells]
     return results + cells
 
 

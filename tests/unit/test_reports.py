@@ -594,7 +594,7 @@ def test_baselines_are_floors_never_the_worst_case_the_average_or_the_leak_rate(
     assert "never enter the worst case" in markdown
 
 
-def test_a_store_of_schema_2_gains_cases_controls_and_baselines(tmp_path) -> None:
+def test_a_store_of_schema_3_gains_cases_controls_and_baselines(tmp_path) -> None:
     import sqlite3
 
     from storebuilder import StoreBuilder
@@ -604,11 +604,11 @@ def test_a_store_of_schema_2_gains_cases_controls_and_baselines(tmp_path) -> Non
     b.attack("c0", [("img-0", 25.0)])
     b.attack("c0", [("img-0", 30.0)], attack="label_only", params={})
     path = b.close()
-    with sqlite3.connect(path) as conn:  # back to schema 2: the columns it lacked
+    with sqlite3.connect(path) as conn:  # back to schema 3: the columns it lacked
         for table, column in (("cells", "case_indices_json"), ("cells", "control"), ("cells", "control_json"),
                               ("results", "baseline")):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute("PRAGMA user_version = 3")
     Store(path).close()  # a writer migrates
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT case_indices_json, control FROM cells").fetchall() == [("[3]", 0)]

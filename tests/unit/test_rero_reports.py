@@ -39,12 +39,15 @@ NO_DP = {"rero_json": {"dp": False, "note": "no clipping: the noise is not calib
 
 
 def build(tmp_path: Path, groups: dict[str, tuple[list[float], list[dict]]]) -> Path:
-    """``{"defense": (psnrs, rero per cell)}``: one cell per image, victim fc."""
+    """``{"defense": (psnrs, rero per cell)}``: one cell per image, victim fc; every row's positive control
+    (undefended fc) leaks, so attack-based verdicts can pass."""
     b = StoreBuilder(tmp_path)
+    control = (b.controls("fc", [("control-img-0", 100.0)]), [b.attack_key()])
     for case, (defense, (psnrs, reros)) in enumerate(groups.items()):
         for index, psnr in enumerate(psnrs):
             key = f"{defense}-{index}"
-            b.cell(key, victim="fc", defense=defense, batch_index=index, case=case, rero=reros[index % len(reros)])
+            b.cell(key, victim="fc", defense=defense, batch_index=index, case=case, rero=reros[index % len(reros)],
+                   control_of=control)
             b.attack(key, [(f"{defense}-img-{index}", psnr)])
     return b.close()
 
@@ -105,11 +108,12 @@ def test_store_of_the_previous_schema_is_read_and_migrated(tmp_path):
     path = build(tmp_path, {"none": ([10.0, 12.0], [NO_DP])})
     old = tmp_path / "old" / "leakbench.sqlite"
     old.parent.mkdir()
-    with sqlite3.connect(path) as src, sqlite3.connect(old) as dst:  # the same store without the schema-3 columns
+    with sqlite3.connect(path) as src, sqlite3.connect(old) as dst:  # the same store at schema 2 (before ReRo, controls)
         src.backup(dst)
-        for column in store_module._RERO_COLUMNS:
+        for column in (*store_module._RERO_COLUMNS, "case_indices_json", "control", "control_json"):
             dst.execute(f"ALTER TABLE cells DROP COLUMN {column}")
-        dst.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+        dst.execute("ALTER TABLE results DROP COLUMN baseline")
+        dst.execute("PRAGMA user_version = 2")
     assert len(leaderboard(load_results(old))) == 1  # read-only: not migrated, still readable
     with Store(old) as store:
         columns = {r[1] for r in store.conn.execute("PRAGMA table_info(cells)")}
