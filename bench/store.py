@@ -302,10 +302,19 @@ class Store:
         reconstruction_pngs: dict[int, bytes],
         created_utc: str,
         execution: dict[str, Any] | None = None,
+        cell_fields: dict[str, Any] | None = None,
     ) -> None:
-        """All rows of one (cell, attack) and their images, atomically."""
+        """All rows of one (cell, attack) and their images, atomically; ``cell_fields``, when
+        given, rewrites the cell's row in the same transaction (its flags, once its last attack
+        is in), so no kill point leaves the rows and the cell's flags disagreeing."""
         rows = list(rows)
         with self.transaction() as c:
+            if cell_fields is not None:
+                cols = ["suite_hash", "cell_key", *cell_fields]
+                c.execute(
+                    f"INSERT OR REPLACE INTO cells ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    (suite_hash, cell_key, *cell_fields.values()),
+                )
             for slot, png in truth_pngs.items():
                 c.execute("INSERT OR IGNORE INTO images VALUES (?, ?, '', ?, ?)", (suite_hash, cell_key, slot, png))
             for slot, png in reconstruction_pngs.items():
