@@ -342,11 +342,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130
+EXIT_BUG = 70  # an unexpected exception: a bug in leakbench (EX_SOFTWARE)
+
+#: the arguments that name files or folders, in the order a message names them
+_PATH_ARGS = ("suite", "out", "base", "new", "output")
+
+
+def _named_paths(args: argparse.Namespace) -> str:
+    paths = [f"{getattr(args, a)}" for a in _PATH_ARGS if getattr(args, a, None)]
+    return ", ".join(paths) or "the command line"
+
+
+def guarded(args: argparse.Namespace) -> int:
+    """Run a subcommand inside the CLI's one error boundary.
+
+    Every foreseeable failure of input or environment (a bad suite, store, image or folder; a
+    file that cannot be read or written; memory) becomes exit 2 with one message that names the
+    file or TOML path and what to do; Ctrl-C becomes exit 130. Anything else is a bug: its
+    traceback is shown, with a line saying so, and the exit status is 70.
+    """
+    import sqlite3
+
+    from leakbench.reports import ReportError
+    from leakbench.store import StoreError
+    from leakbench.suite import SuiteError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; nothing was lost (finished work is in the store). Run the same command again to "
+              f"resume ({_named_paths(args)})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (SuiteError, StoreError, ReportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except sqlite3.DatabaseError as err:
+        print(f"error: a store could not be read or written ({err}); inputs: {_named_paths(args)}. "
+              "Pass another --out directory, or move the damaged store away", file=sys.stderr)
+    except UnicodeDecodeError as err:
+        print(f"error: an input is not UTF-8 text ({err}); inputs: {_named_paths(args)}", file=sys.stderr)
+    except RecursionError:
+        print(f"error: an input is nested too deeply to read; inputs: {_named_paths(args)}", file=sys.stderr)
+    except MemoryError:
+        print(f"error: out of memory for {_named_paths(args)}; lower the suite's image side, images or "
+              "--pack-size, or run on a machine with more memory", file=sys.stderr)
+    except OSError as err:
+        target = err.filename or _named_paths(args)
+        extra = f" and {err.filename2}" if err.filename2 else ""
+        print(f"error: {target}{extra}: {err.strerror or err}; check that the path exists, is of the right kind "
+              "(file or folder) and that you may read or write it", file=sys.stderr)
+    except Exception as err:
+        import traceback
+
+        traceback.print_exc()
+        print(f"\nThis is a bug in leakbench, not a problem with your input ({type(err).__name__}). Please report "
+              "it with the command line and the traceback above.", file=sys.stderr)
+        return EXIT_BUG
+    return EXIT_BAD_INPUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a bad option (2), already explained
+        return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
     level = logging.WARNING - 10 * min(args.verbose + 1, 2) if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return args.func(args)
+    return guarded(args)
 
 
 if __name__ == "__main__":

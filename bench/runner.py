@@ -25,7 +25,7 @@ from leakbench.attacks.optimize import Acceleration
 from leakbench.execute import DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, plan_packs
 from leakbench.executors import EXECUTORS, LocalExecutor, ProcessExecutor
 from leakbench.executors.processes import devices_for
-from leakbench.store import Store, run_lock, store_path
+from leakbench.store import Store, StoreError, check_store, run_lock, store_path
 from leakbench.suite import Suite, dumps
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,10 @@ def run_suite(
     if max_pack < 1:
         raise ValueError(f"--pack-size must be >= 1, got {max_pack}")
     path = store_path(out_dir)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise StoreError(f"--out {out_dir} is a file, not a directory; pass a directory for the store and reports "
+                         "(it is created if missing)")
+    check_store(path)  # before the lock file is written beside it: a refused store's folder stays as it was
     started = time.monotonic()
     with run_lock(out_dir), Store(path) as store:
         if retry_failed:

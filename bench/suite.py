@@ -385,20 +385,35 @@ def load_suite(path: str | Path, *, budget: str = "full") -> Suite:
     path = Path(path)
     if not path.is_file():
         raise SuiteError(str(path), [("", "no such file; give the path of a suite TOML file (see suites/)")])
-    text = path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SuiteError(str(path), [("", f"cannot read the file: {err.strerror}; check its permissions")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise SuiteError(str(path), [("", f"not UTF-8 text (byte {data[err.start]:#04x} at line {line}, offset "
+                                          f"{err.start}); a suite is a TOML file: save it as UTF-8")]) from None
     return parse_suite(text, source=str(path), budget=budget)
 
 
 def parse_suite(text: str, *, source: str = "<suite>", budget: str = "full") -> Suite:
     if budget not in BUDGETS:
         raise SuiteError(source, [("", f"unknown budget {budget!r}{did_you_mean(budget, BUDGETS)}; one of {', '.join(BUDGETS)}")])
+    deep = [("", "arrays or tables are nested too deeply to read; no suite needs more than a few levels")]
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SuiteError(source, [("", f"not valid TOML: {err}")]) from None
-    if budget == "smoke":
-        raw = _smoke(raw)
-    return _validate(raw, text=text, source=source, budget=budget)
+    except RecursionError:
+        raise SuiteError(source, deep) from None
+    try:
+        if budget == "smoke":
+            raw = _smoke(raw)
+        return _validate(raw, text=text, source=source, budget=budget)
+    except RecursionError:
+        raise SuiteError(source, deep) from None
 
 
 def _cap(table: Any) -> Any:
