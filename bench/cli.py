@@ -59,11 +59,14 @@ def _default_out(suite_path: str) -> Path:
     return Path("results") / Path(suite_path).stem
 
 
-def _load(path: str, budget: str = "full"):
-    from leakbench.suite import SuiteError, load_suite
+def _load(path: str, budget: str = "full", max_cells: int | None = None):
+    from leakbench.suite import DEFAULT_MAX_CELLS, SuiteError, load_suite
 
+    if max_cells is not None and max_cells < 1:
+        print(f"error: --max-cells must be at least 1, got {max_cells}", file=sys.stderr)
+        return None
     try:
-        return load_suite(path, budget=budget)
+        return load_suite(path, budget=budget, max_cells=DEFAULT_MAX_CELLS if max_cells is None else max_cells)
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
@@ -72,7 +75,7 @@ def _load(path: str, budget: str = "full"):
 def cmd_check(args: argparse.Namespace) -> int:
     from leakbench.suite import suite_summary
 
-    suite = _load(args.suite, args.budget)
+    suite = _load(args.suite, args.budget, args.max_cells)
     if suite is None:
         return EXIT_BAD_INPUT
     info = suite_summary(suite)
@@ -83,7 +86,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    suite = _load(args.suite, args.budget)
+    suite = _load(args.suite, args.budget, args.max_cells)
     if suite is None:
         return EXIT_BAD_INPUT
     from leakbench.runner import run_suite
@@ -181,7 +184,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    suite = _load(args.suite)
+    suite = _load(args.suite, max_cells=args.max_cells)
     if suite is None:
         return EXIT_BAD_INPUT
     from leakbench import reports
@@ -248,10 +251,18 @@ def _execution(args: argparse.Namespace) -> dict:
                                                                    channels_last=args.channels_last)}
 
 
+def _max_cells_option(parser: argparse.ArgumentParser) -> None:
+    from leakbench.suite import DEFAULT_MAX_CELLS
+
+    parser.add_argument("--max-cells", type=int, metavar="N",
+                        help=f"refuse a suite that expands to more than N cells (default {DEFAULT_MAX_CELLS:,})")
+
+
 def _execution_options(parser: argparse.ArgumentParser) -> None:
     from leakbench.execute import DEFAULT_MAX_PACK
     from leakbench.executors import EXECUTORS
 
+    _max_cells_option(parser)
     group = parser.add_argument_group("execution (results do not depend on these, up to floating-point order)")
     group.add_argument("--executor", default="local", choices=EXECUTORS,
                        help="local: this process; processes: one worker per GPU (or --workers CPU workers); "
@@ -290,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a suite without running anything")
     check.add_argument("suite")
     check.add_argument("--budget", default="full", choices=("full", "smoke"))
+    _max_cells_option(check)
     check.set_defaults(func=cmd_check)
 
     lst = sub.add_parser("list", help="list registered components")
