@@ -531,6 +531,13 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full",
             dataset = reg["dataset"].build(dataset_spec.name, **dataset_spec.kwargs())
         except (OSError, ValueError) as err:
             c.add("dataset", str(err))
+        if dataset is not None and hasattr(dataset, "unreadable"):  # files on disk: every one read before compute
+            bad = dataset.unreadable()
+            root = dict(dataset_spec.params).get("root", "")
+            for file, why in bad[:10]:
+                c.add("dataset.root", f"cannot read image {file} (under {root!r}): {why}; remove or replace the file")
+            if len(bad) > 10:
+                c.add("dataset.root", f"... and {len(bad) - 10} more unreadable image(s) under {root!r}")
         if dataset is not None and images > len(dataset):
             c.add("suite.images", f"the suite asks for {images} images but {dataset_spec.name} has only {len(dataset)}")
 
