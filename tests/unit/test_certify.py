@@ -119,3 +119,15 @@ def test_written_certificate_links_evidence_files(tmp_path: Path) -> None:
                     "lenet-none-fedsgd_batch_size_1-0-img-0-truth.png"]
     html = html_path.read_text()
     assert html.count('src="data:image/png;base64,') == 2 and "FAIL" in html
+
+
+def test_evidence_file_names_stay_short_for_long_image_ids(tmp_path: Path) -> None:
+    b = StoreBuilder(tmp_path / "store")
+    b.cell("c0", victim="v" * 300, defense="none")
+    long_a, long_b = "imagefolder/" + "a" * 400 + "/x.png@32", "imagefolder/" + "a" * 400 + "/y.png@32"
+    b.attack("c0", [(long_a, 30.0), (long_b, 29.0)])
+    certificate = certify(load_results(b.close()), limits=Limits(max_psnr_db=20.0), evidence_images=2)
+    write_certificate(certificate, tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out" / "certificate").iterdir())
+    assert len(names) == 4 and len(set(names)) == 4  # two images, truth and reconstruction each, none merged
+    assert max(len(n.encode()) for n in names) <= 255
