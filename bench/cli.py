@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 import time
@@ -13,6 +14,8 @@ from typing import Sequence
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_BUG = 70  # an unexpected exception: a bug in leakbench (EX_SOFTWARE)
 
 log = logging.getLogger("leakbench")
 
@@ -101,8 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished work is kept in {out}. Run the same command again to resume.", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted; every finished attack run is kept in {out}. Resume with: "
+              f"{shlex.join(['leakbench', 'run', args.suite, '--out', str(out)])} (finished runs are skipped)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "nothing new"
     print(f"run {summary.run_id}: {summary.attack_runs - summary.skipped} attack run(s) done ({counts}), "
           f"{summary.skipped} reused from the store, {summary.seconds:.1f} s", file=sys.stderr)
@@ -211,8 +216,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished work is kept in {out}. Run the same command again to resume.", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted; every finished attack run is kept in {out}. Run the same command again to resume "
+              "(finished runs are skipped)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     markdown_path, html_path = write_certificate(certificate, out)
     print(certificate_markdown(certificate))
     print(f"certificate: {markdown_path} and {html_path}")
@@ -249,6 +255,17 @@ def _execution(args: argparse.Namespace) -> dict:
     return {"executor": args.executor, "workers": args.workers, "max_pack": args.pack_size,
             "ray_address": args.address, "acceleration": Acceleration(compile=args.compile, tf32=args.tf32,
                                                                    channels_last=args.channels_last)}
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (inf and nan cannot be meant as a limit or tolerance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _max_cells_option(parser: argparse.ArgumentParser) -> None:
@@ -323,11 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("new", nargs="?", help="store directory of the new results (default: BASE, with two hashes)")
     cmp.add_argument("--base-hash", help="suite hash in BASE (default: its latest run's)")
     cmp.add_argument("--new-hash", help="suite hash in NEW (default: its latest run's)")
-    cmp.add_argument("--tolerance-db", type=float, default=1.0,
+    cmp.add_argument("--tolerance-db", type=finite_float, default=1.0,
                      help="tolerated growth of the mean worst-case PSNR, dB (default 1.0)")
-    cmp.add_argument("--tolerance-leak-rate", type=float, default=0.10,
+    cmp.add_argument("--tolerance-leak-rate", type=finite_float, default=0.10,
                      help="tolerated growth of the leak rate, as a share (default 0.10 = 10 points)")
-    cmp.add_argument("--alpha", type=float, default=0.05,
+    cmp.add_argument("--alpha", type=finite_float, default=0.05,
                      help="a change counts only when its two-sided p-value is below this (default 0.05)")
     cmp.add_argument("--output", help="also write the Markdown to this file")
     cmp.set_defaults(func=cmd_compare)
@@ -339,10 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "certificate.html there. Exit 0: every row passes; 1: a row fails; 2: bad input.")
     cert.add_argument("suite", help="path of a suite TOML file")
     cert.add_argument("--out", help="directory of the store and certificate (default: results/<suite name>)")
-    cert.add_argument("--max-psnr", type=float, help="every image's worst-case PSNR must be at most this, dB")
-    cert.add_argument("--max-leak-rate", type=float, help="the leak rate (at the suite's threshold) must be at most this share")
-    cert.add_argument("--max-ssim", type=float, help="every image's worst-case SSIM must be at most this")
-    cert.add_argument("--min-lpips", type=float, help="every image's worst-case LPIPS must be at least this")
+    cert.add_argument("--max-psnr", type=finite_float, help="every image's worst-case PSNR must be at most this, dB")
+    cert.add_argument("--max-leak-rate", type=finite_float, help="the leak rate (at the suite's threshold) must be at most this share")
+    cert.add_argument("--max-ssim", type=finite_float, help="every image's worst-case SSIM must be at most this")
+    cert.add_argument("--min-lpips", type=finite_float, help="every image's worst-case LPIPS must be at least this")
     cert.add_argument("--allow-failures", action="store_true",
                       help="pass rows with failed attack runs (they count as no leak); by default they fail as inconclusive")
     cert.add_argument("--evidence", type=int, default=3, help="most-leaking images shown per row (default 3)")
@@ -353,9 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
     cert.set_defaults(func=cmd_certify)
     return parser
 
-
-EXIT_INTERRUPTED = 130
-EXIT_BUG = 70  # an unexpected exception: a bug in leakbench (EX_SOFTWARE)
 
 #: the arguments that name files or folders, in the order a message names them
 _PATH_ARGS = ("suite", "out", "base", "new", "output")

@@ -415,7 +415,7 @@ def load_suite(path: str | Path, *, budget: str = "full", max_cells: int | None 
     except OSError as err:
         raise SuiteError(str(path), [("", f"cannot read the file: {err.strerror}; check its permissions")]) from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is still UTF-8
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
         raise SuiteError(str(path), [("", f"not UTF-8 text (byte {data[err.start]:#04x} at line {line}, offset "
