@@ -141,3 +141,29 @@ def test_kill_at_random_moments_inside_attacks(tmp_path, seed):
     before = rows(out)
     assert 1 <= len({r[:2] for r in before}) < CELLS * ATTACKS
     resume(path, out, before)
+
+
+@pytest.mark.parametrize("executor", ["local", "processes"])
+def test_ctrl_c_stops_soon_keeps_finished_rows_and_says_how_to_resume(tmp_path, executor):
+    path, out = suite_file(tmp_path, 400), tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leakbench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
+         "--pack-size", "1", "--executor", executor],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for_attack_runs(proc, out, 1, timeout_s=240)
+        assert proc.poll() is None, "the run finished before it could be interrupted; raise the iterations"
+        before = rows(out)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        _, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert waited < 30, f"took {waited:.1f} s to stop"  # a few seconds on an idle machine; generous under load
+    assert "Traceback" not in err and f"Resume with: leakbench run {path} --out {out}" in err, err
+    assert set(before) <= set(rows(out))  # every finished row kept
