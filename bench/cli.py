@@ -397,8 +397,8 @@ def guarded(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; nothing was lost (finished work is in the store). Run the same command again to "
-              f"resume ({_named_paths(args)})", file=sys.stderr)
+        print(f"\ninterrupted; stores keep only whole (cell, attack) results, so nothing half-written is left. "
+              f"Run the same command again to resume ({_named_paths(args)})", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (SuiteError, StoreError, ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
