@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 import time
@@ -14,6 +15,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INCONCLUSIVE = 3  # certify: no row fails, but some are inconclusive (not evidence of privacy)
+EXIT_INTERRUPTED = 130
+EXIT_BUG = 70  # an unexpected exception: a bug in leakbench (EX_SOFTWARE)
 
 log = logging.getLogger("leakbench")
 
@@ -60,11 +63,14 @@ def _default_out(suite_path: str) -> Path:
     return Path("results") / Path(suite_path).stem
 
 
-def _load(path: str, budget: str = "full"):
-    from leakbench.suite import SuiteError, load_suite
+def _load(path: str, budget: str = "full", max_cells: int | None = None):
+    from leakbench.suite import DEFAULT_MAX_CELLS, SuiteError, load_suite
 
+    if max_cells is not None and max_cells < 1:
+        print(f"error: --max-cells must be at least 1, got {max_cells}", file=sys.stderr)
+        return None
     try:
-        return load_suite(path, budget=budget)
+        return load_suite(path, budget=budget, max_cells=DEFAULT_MAX_CELLS if max_cells is None else max_cells)
     except SuiteError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
@@ -73,7 +79,7 @@ def _load(path: str, budget: str = "full"):
 def cmd_check(args: argparse.Namespace) -> int:
     from leakbench.suite import suite_summary
 
-    suite = _load(args.suite, args.budget)
+    suite = _load(args.suite, args.budget, args.max_cells)
     if suite is None:
         return EXIT_BAD_INPUT
     info = suite_summary(suite)
@@ -86,7 +92,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    suite = _load(args.suite, args.budget)
+    suite = _load(args.suite, args.budget, args.max_cells)
     if suite is None:
         return EXIT_BAD_INPUT
     from leakbench.runner import run_suite
@@ -101,8 +107,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished work is kept in {out}. Run the same command again to resume.", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted; every finished attack run is kept in {out}. Resume with: "
+              f"{shlex.join(['leakbench', 'run', args.suite, '--out', str(out)])} (finished runs are skipped)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "nothing new"
     print(f"run {summary.run_id}: {summary.attack_runs - summary.skipped} attack run(s) done ({counts}), "
           f"{summary.skipped} reused from the store, {summary.seconds:.1f} s", file=sys.stderr)
@@ -213,7 +221,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    suite = _load(args.suite)
+    suite = _load(args.suite, max_cells=args.max_cells)
     if suite is None:
         return EXIT_BAD_INPUT
     from leakbench import reports
@@ -240,8 +248,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished work is kept in {out}. Run the same command again to resume.", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted; every finished attack run is kept in {out}. Run the same command again to resume "
+              "(finished runs are skipped)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     markdown_path, html_path = write_certificate(certificate, out)
     print(certificate_markdown(certificate))
     print(f"certificate: {markdown_path}, {html_path} and {markdown_path.with_suffix('.json')}")
@@ -330,6 +339,7 @@ def _execution(args: argparse.Namespace) -> dict:
 # parser (and `--help`) imports no torch; tests/unit/test_cli.py checks that they agree.
 EXECUTORS = ("local", "processes", "ray")
 DEFAULT_MAX_PACK = 8
+DEFAULT_MAX_CELLS = 100_000  # leakbench.suite.DEFAULT_MAX_CELLS
 BUDGET_HELP = ("full (default): the suite as written; smoke: one batch per case and 1 trial, listed attacks capped "
                "at 4 iterations and 1 restart, training at 1 epoch, batteries swapped for their smoke twins: checks "
                "that every cell runs, says nothing about leakage (budgets: leakbench.attacks.battery.BUDGET_SWAPS)")
@@ -373,7 +383,24 @@ def configure_logging(verbose: int, *, quiet: bool = False) -> None:
     logger.propagate = False
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (inf and nan cannot be meant as a limit or tolerance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _max_cells_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-cells", type=int, metavar="N",
+                        help=f"refuse a suite that expands to more than N cells (default {DEFAULT_MAX_CELLS:,})")
+
+
 def _execution_options(parser: argparse.ArgumentParser) -> None:
+    _max_cells_option(parser)
     group = parser.add_argument_group("execution (results do not depend on these, up to floating-point order)")
     group.add_argument("--executor", default="local", choices=EXECUTORS,
                        help="local: this process; processes: one worker per GPU (or --workers CPU workers); "
@@ -418,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("suite", help="a built-in suite's name (leakbench list suites) or the path of a suite TOML file")
     _budget_option(check)
     _output_options(check)
+    _max_cells_option(check)
     check.set_defaults(func=cmd_check)
 
     lst = sub.add_parser("list", help="list registered components")
@@ -449,11 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(cmp)
     cmp.add_argument("--base-hash", help="suite hash in BASE (default: its latest run's)")
     cmp.add_argument("--new-hash", help="suite hash in NEW (default: its latest run's)")
-    cmp.add_argument("--tolerance-db", type=float, default=1.0,
+    cmp.add_argument("--tolerance-db", type=finite_float, default=1.0,
                      help="tolerated growth of the mean worst-case PSNR, dB (default 1.0)")
-    cmp.add_argument("--tolerance-leak-rate", type=float, default=0.10,
+    cmp.add_argument("--tolerance-leak-rate", type=finite_float, default=0.10,
                      help="tolerated growth of the leak rate, as a share (default 0.10 = 10 points)")
-    cmp.add_argument("--alpha", type=float, default=0.05,
+    cmp.add_argument("--alpha", type=finite_float, default=0.05,
                      help="a change counts only when its two-sided p-value is below this (default 0.05)")
     cmp.add_argument("--output", help="also write the Markdown to this file")
     cmp.set_defaults(func=cmd_compare)
@@ -468,11 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "fails; 3: no row fails but some are inconclusive; 2: bad input.")
     cert.add_argument("suite", help="a built-in suite's name (leakbench list suites) or the path of a suite TOML file")
     cert.add_argument("--out", help="directory of the store and certificate (default: results/<suite name>)")
-    cert.add_argument("--max-psnr", type=float, help="every image's worst-case PSNR must be at most this, dB")
-    cert.add_argument("--max-leak-rate", type=float, help="the leak rate (at the suite's threshold) must be at most this share")
-    cert.add_argument("--max-ssim", type=float, help="every image's worst-case SSIM must be at most this")
-    cert.add_argument("--min-lpips", type=float, help="every image's worst-case LPIPS must be at least this")
-    cert.add_argument("--max-rero", type=float, metavar="GAMMA",
+    cert.add_argument("--max-psnr", type=finite_float, help="every image's worst-case PSNR must be at most this, dB")
+    cert.add_argument("--max-leak-rate", type=finite_float, help="the leak rate (at the suite's threshold) must be at most this share")
+    cert.add_argument("--max-ssim", type=finite_float, help="every image's worst-case SSIM must be at most this")
+    cert.add_argument("--min-lpips", type=finite_float, help="every image's worst-case LPIPS must be at least this")
+    cert.add_argument("--max-rero", type=finite_float, metavar="GAMMA",
                       help="pass a row whose defense declares a DP guarantee when its ReRo ceiling gamma for what the "
                            "server saw is at most GAMMA (certified by the guarantee, whatever the attacks did)")
     cert.add_argument("--allow-failures", action="store_true",
@@ -494,12 +522,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the arguments that name files or folders, in the order a message names them
+_PATH_ARGS = ("suite", "out", "base", "new", "output")
+
+
+def _named_paths(args: argparse.Namespace) -> str:
+    paths = [f"{getattr(args, a)}" for a in _PATH_ARGS if getattr(args, a, None)]
+    return ", ".join(paths) or "the command line"
+
+
+def guarded(args: argparse.Namespace) -> int:
+    """Run a subcommand inside the CLI's one error boundary.
+
+    Every foreseeable failure of input or environment (a bad suite, store, image or folder; a
+    file that cannot be read or written; memory) becomes exit 2 with one message that names the
+    file or TOML path and what to do; Ctrl-C becomes exit 130. Anything else is a bug: its
+    traceback is shown, with a line saying so, and the exit status is 70.
+    """
+    import sqlite3
+
+    from leakbench.reports import ReportError
+    from leakbench.store import StoreError
+    from leakbench.suite import SuiteError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; stores keep only whole (cell, attack) results, so nothing half-written is left. "
+              f"Run the same command again to resume ({_named_paths(args)})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (SuiteError, StoreError, ReportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except sqlite3.DatabaseError as err:
+        print(f"error: a store could not be read or written ({err}); inputs: {_named_paths(args)}. "
+              "Pass another --out directory, or move the damaged store away", file=sys.stderr)
+    except UnicodeDecodeError as err:
+        print(f"error: an input is not UTF-8 text ({err}); inputs: {_named_paths(args)}", file=sys.stderr)
+    except RecursionError:
+        print(f"error: an input is nested too deeply to read; inputs: {_named_paths(args)}", file=sys.stderr)
+    except MemoryError:
+        print(f"error: out of memory for {_named_paths(args)}; lower the suite's image side, images or "
+              "--pack-size, or run on a machine with more memory", file=sys.stderr)
+    except OSError as err:
+        target = err.filename or _named_paths(args)
+        extra = f" and {err.filename2}" if err.filename2 else ""
+        print(f"error: {target}{extra}: {err.strerror or err}; check that the path exists, is of the right kind "
+              "(file or folder) and that you may read or write it", file=sys.stderr)
+    except Exception as err:
+        import traceback
+
+        traceback.print_exc()
+        print(f"\nThis is a bug in leakbench, not a problem with your input ({type(err).__name__}). Please report "
+              "it with the command line and the traceback above.", file=sys.stderr)
+        return EXIT_BUG
+    return EXIT_BAD_INPUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a bad option (2), already explained
+        return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
     args.verbose += getattr(args, "sub_verbose", 0)
     args.quiet = getattr(args, "quiet", False) or args.top_quiet
     configure_logging(args.verbose, quiet=args.quiet)
-    return args.func(args)
+    return guarded(args)
 
 
 if __name__ == "__main__":

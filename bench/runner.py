@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from leakbench.attacks.optimize import Acceleration
 from leakbench.execute import DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, plan_packs
 from leakbench.executors import EXECUTORS, LocalExecutor, ProcessExecutor
 from leakbench.executors.processes import devices_for
-from leakbench.store import Store, run_lock, store_path
+from leakbench.store import Store, StoreError, check_store, run_lock, store_path
 from leakbench.suite import Suite, dumps
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,10 @@ def run_suite(
     if max_pack < 1:
         raise ValueError(f"--pack-size must be >= 1, got {max_pack}")
     path = store_path(out_dir)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise StoreError(f"--out {out_dir} is a file, not a directory; pass a directory for the store and reports "
+                         "(it is created if missing)")
+    check_store(path)  # before the lock file is written beside it: a refused store's folder stays as it was
     started = time.monotonic()
     with run_lock(out_dir), Store(path) as store:
         if retry_failed:
@@ -155,20 +161,22 @@ def run_suite(
                 if (event.cell_key, event.attack_key) in written:
                     continue  # already written by an earlier attempt of the same pack
                 cell = cells[event.cell_key]
+                last = remaining[event.cell_key] == 1
                 store.put_results(
                     suite_hash=suite.hash, cell_key=event.cell_key, attack_key=event.attack_key, run_id=run_id,
                     attack=event.attack, rows=event.rows, truth_pngs=cell.truth_pngs,
                     reconstruction_pngs=event.reconstruction_pngs, created_utc=utc_now(),
                     execution={**event.execution, "executor": runner.name},
                     baseline=_is_baseline(event.attack["name"]),
+                    cell_fields=None if not last else _flagged_fields(
+                        store, suite, cell, [] if _is_baseline(event.attack["name"]) else event.rows),
                 )
+                _kill_point("results")
                 written.add((event.cell_key, event.attack_key))
                 status_of = event.rows[0].status
                 summary.statuses[status_of] = summary.statuses.get(status_of, 0) + 1
                 progress.advance(status_of)
                 remaining[event.cell_key] -= 1
-                if remaining[event.cell_key] == 0:
-                    _leak_flags(store, suite, cell)
             status = "finished"
         finally:
             progress.close()
@@ -203,17 +211,35 @@ def _is_baseline(attack: str) -> bool:
     return attack in ATTACKS and ATTACKS.get(attack).baseline
 
 
-def _leak_flags(store: Store, suite: Suite, cell: CellEvent) -> None:
-    """The no-leak sanity flag, over every attack of the cell (baselines left out: the flag's bar is their
-    floor), including those stored by an earlier (resumed) run; added to the cell's flags once its last
-    attack is written."""
+def _flagged_fields(store: Store, suite: Suite, cell: CellEvent, new_rows) -> dict | None:
+    """The cell's fields with the no-leak sanity flag, over every attack of the cell but baselines (the
+    flag's bar is their floor; those stored by
+    an earlier, resumed run and ``new_rows``, its last); written with those rows in one transaction.
+    None when no flag is raised (the cell's row, written when the cell began, stays as it is)."""
     check, grey_db = cell.leak_check
     if not check:
-        return
+        return None
     stored = store.conn.execute("SELECT psnr_db FROM results WHERE suite_hash = ? AND cell_key = ? AND baseline = 0",
                                 (suite.hash, cell.cell_key)).fetchall()
-    flags = sanity.leak_flags([r[0] for r in stored], grey_db=grey_db)
-    if flags:
-        fields = dict(cell.fields)
-        fields["cell_flags_json"] = dumps(json.loads(fields["cell_flags_json"]) + flags)
-        store.put_cell(suite.hash, cell.cell_key, fields)
+    flags = sanity.leak_flags([r[0] for r in stored] + [r.psnr_db for r in new_rows], grey_db=grey_db)
+    if not flags:
+        return None
+    fields = dict(cell.fields)
+    fields["cell_flags_json"] = dumps(json.loads(fields["cell_flags_json"]) + flags)
+    return fields
+
+
+#: ``LEAKBENCH_KILL_AT=results:N`` SIGKILLs the run right after its N-th (cell, attack) write:
+#: the kill-mid-run tests use it to land a kill at an exact point (where the cell's flags were
+#: once written in a second transaction). Unset in normal use.
+_KILL_ENV = "LEAKBENCH_KILL_AT"
+_kill_counts: dict[str, int] = {}
+
+
+def _kill_point(name: str) -> None:
+    spec = os.environ.get(_KILL_ENV)
+    if not spec or not spec.startswith(name + ":"):
+        return
+    _kill_counts[name] = _kill_counts.get(name, 0) + 1
+    if _kill_counts[name] >= int(spec.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)

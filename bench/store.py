@@ -208,13 +208,85 @@ def run_lock(out_dir: str | Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: the tables and, for each, columns every leakbench store holds (from schema version 1 on)
+_REQUIRED = {
+    "runs": {"run_id", "suite_name", "suite_hash", "leak_metric", "leak_value", "status"},
+    "cells": {"suite_hash", "cell_key", "victim", "defense", "cell_flags_json"},
+    "results": {"suite_hash", "cell_key", "attack_key", "image_slot", "run_id", "status", "psnr_db"},
+    "images": {"suite_hash", "cell_key", "attack_key", "image_slot", "png"},
+}
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_store(path: str | Path) -> bool:
+    """Whether ``path`` is a leakbench store (True) or holds nothing yet (False: absent, zero bytes,
+    or an SQLite file without a single table, as a run killed while creating it leaves).
+
+    Raises ``StoreError`` for anything else (not SQLite, damaged, another program's tables, a
+    leakbench store missing tables or columns), having only read the file: a store that is
+    refused is never modified.
+    """
+    path = Path(path)
+    what = (f"leave {path} alone and pass another --out directory, or move the file away if it is not needed")
+    if not path.exists():
+        return False
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a leakbench store file; {what}")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(100)
+    except OSError as err:
+        raise StoreError(f"cannot read the store {path}: {err.strerror}; check its permissions") from None
+    if not head:
+        return False
+    if not head.startswith(_SQLITE_MAGIC):
+        raise StoreError(f"{path} is not a leakbench store (not an SQLite file); {what}")
+    if len(head) < 100:
+        raise StoreError(f"{path} is not a leakbench store (a truncated SQLite file); {what}")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in _REQUIRED if t in tables}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{path} is not a readable leakbench store ({err}); {what}") from None
+    tables.discard("sqlite_sequence")
+    if version == 0 and not tables:
+        return False
+    if version == 0:
+        raise StoreError(f"{path} is an SQLite file of another program (tables {', '.join(sorted(tables))}, "
+                         f"no leakbench schema version); it is not a leakbench store, and is left unchanged; {what}")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer leakbench (store schema {version}; this version reads "
+            f"schema {SCHEMA_VERSION}). Upgrade leakbench, or pass another --out directory."
+        )
+    missing = [t for t in _REQUIRED if t not in tables]
+    if missing:
+        raise StoreError(f"{path} is not a leakbench store: it lacks the table(s) {', '.join(missing)} "
+                         f"(schema version {version}); {what}")
+    for table, need in _REQUIRED.items():
+        lacking = sorted(need - columns[table])
+        if lacking:
+            raise StoreError(f"{path} is not a leakbench store: its table {table} lacks the column(s) "
+                             f"{', '.join(lacking)}; {what}")
+    return True
+
+
 class Store:
-    """A connection to one SQLite store file."""
+    """A connection to one SQLite store file, checked (``check_store``) before it is used."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False):
         self.path = Path(path)
         if readonly and not self.path.exists():
             raise StoreError(f"no store at {self.path}; run a suite with `leakbench run SUITE --out {self.path.parent}` first")
+        exists = check_store(self.path)
+        if readonly and not exists:
+            raise StoreError(f"{self.path} holds no leakbench store yet (an empty file); run a suite with "
+                             f"`leakbench run SUITE --out {self.path.parent}` first")
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
@@ -336,10 +408,19 @@ class Store:
         created_utc: str,
         execution: dict[str, Any] | None = None,
         baseline: bool = False,
+        cell_fields: dict[str, Any] | None = None,
     ) -> None:
-        """All rows of one (cell, attack) and their images, atomically; ``baseline``: the attack is a floor."""
+        """All rows of one (cell, attack) and their images, atomically; ``baseline``: the attack is a floor;
+        ``cell_fields``, when given, rewrites the cell's row in the same transaction (its flags, once its
+        last attack is in), so no kill point leaves the rows and the cell's flags disagreeing."""
         rows = list(rows)
         with self.transaction() as c:
+            if cell_fields is not None:
+                cols = ["suite_hash", "cell_key", *cell_fields]
+                c.execute(
+                    f"INSERT OR REPLACE INTO cells ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    (suite_hash, cell_key, *cell_fields.values()),
+                )
             for slot, png in truth_pngs.items():
                 c.execute("INSERT OR IGNORE INTO images VALUES (?, ?, '', ?, ?)", (suite_hash, cell_key, slot, png))
             for slot, png in reconstruction_pngs.items():

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -278,10 +280,24 @@ class _Checker:
             self.add(_join(path, key), f"must be {_type_name(annotation)}, got {type(value).__name__} {value!r}")
             return default
         value = _coerce(value, annotation)
+        if not _finite(value) and _finite(default):
+            self.add(_join(path, key), f"must be a finite number, got {value!r}")
+            return default
         if check is not None and not check(value):
             self.add(_join(path, key), f"impossible value {value!r}{': ' + hint if hint else ''}")
             return default
         return value
+
+
+def _finite(value: Any) -> bool:
+    """Whether every float in ``value`` (a number, or a list or table of them) is finite (TOML's inf and nan are not)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _join(path: str, key: str | int) -> str:
@@ -346,6 +362,11 @@ def _component(
             )
             ok = False
             bad.add(key)
+        elif not _finite(value) and _finite(accepted[key].default):
+            # inf or nan is meant only where the parameter's own default is one
+            checker.add(_join(path, key), f"must be a finite number, got {value!r}")
+            ok = False
+            bad.add(key)
         else:
             params[key] = _coerce(value, accepted[key].annotation)
     missing = [n for n, p in accepted.items() if p.default is inspect.Parameter.empty and n not in params]
@@ -378,6 +399,10 @@ CASE_KEYS = ("victim", "defense", "protocol", "labels", "attacks", "battery", "t
 ATTACK_EXTRA_KEYS = ("labels", "timeout_s")
 VICTIM_EXTRA_KEYS = ("state", "recipe")
 VICTIM_STATES = ("init", "trained")
+#: the values each metric takes (PSNR is capped at 100 dB for identical images, see leakbench.metrics)
+THRESHOLD_RANGES = {"psnr_db": (0.0, 100.0), "ssim": (-1.0, 1.0), "lpips": (0.0, 1.0)}
+#: the most cells a suite may expand to unless the caller raises the cap (``--max-cells``)
+DEFAULT_MAX_CELLS = 100_000
 
 
 BUDGETS = ("full", "smoke")
@@ -387,28 +412,45 @@ SMOKE_IMAGES = 2
 SMOKE_CAPS = {"iterations": 4, "restarts": 1, "epochs": 1, "trials": 1}
 
 
-def load_suite(path: str | Path, *, budget: str = "full") -> Suite:
+def load_suite(path: str | Path, *, budget: str = "full", max_cells: int | None = DEFAULT_MAX_CELLS) -> Suite:
     """Read and validate a suite file, or a built-in suite by name; raises ``SuiteError`` listing every problem."""
     from leakbench import catalog
 
     found = catalog.resolve(path)  # a file, else a built-in suite's name (`quick`)
     if found is None:
         raise SuiteError(str(path), [("", catalog.unknown_message(path))])
-    path = found
-    text = path.read_text(encoding="utf-8")
-    return parse_suite(text, source=str(path), budget=budget)
+    path = Path(found)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SuiteError(str(path), [("", f"cannot read the file: {err.strerror}; check its permissions")]) from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is still UTF-8
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise SuiteError(str(path), [("", f"not UTF-8 text (byte {data[err.start]:#04x} at line {line}, offset "
+                                          f"{err.start}); a suite is a TOML file: save it as UTF-8")]) from None
+    return parse_suite(text, source=str(path), budget=budget, max_cells=max_cells)
 
 
-def parse_suite(text: str, *, source: str = "<suite>", budget: str = "full") -> Suite:
+def parse_suite(text: str, *, source: str = "<suite>", budget: str = "full",
+                max_cells: int | None = DEFAULT_MAX_CELLS) -> Suite:
+    """Validate a suite's text; ``max_cells`` (None: no cap) refuses a suite that expands to more cells."""
     if budget not in BUDGETS:
         raise SuiteError(source, [("", f"unknown budget {budget!r}{did_you_mean(budget, BUDGETS)}; one of {', '.join(BUDGETS)}")])
+    deep = [("", "arrays or tables are nested too deeply to read; no suite needs more than a few levels")]
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SuiteError(source, [("", f"not valid TOML: {err}")]) from None
-    if budget == "smoke":
-        raw = _smoke(raw)
-    return _validate(raw, text=text, source=source, budget=budget)
+    except RecursionError:
+        raise SuiteError(source, deep) from None
+    try:
+        if budget == "smoke":
+            raw = _smoke(raw)
+        return _validate(raw, text=text, source=source, budget=budget, max_cells=max_cells)
+    except RecursionError:
+        raise SuiteError(source, deep) from None
 
 
 def _cap(table: Any) -> Any:
@@ -456,7 +498,8 @@ def _smoke(raw: dict) -> dict:
     return raw
 
 
-def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Suite:
+def _validate(raw: dict, *, text: str, source: str, budget: str = "full",
+              max_cells: int | None = DEFAULT_MAX_CELLS) -> Suite:
     # Imported here so that `leakbench.suite` stays importable without pulling every component.
     from leakbench import components
 
@@ -478,7 +521,12 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
         t = c.table(s["leak_threshold"], "suite.leak_threshold", allowed=("metric", "value"), required=("metric", "value"))
         metric = c.value(t, "metric", "suite.leak_threshold", str, "psnr_db", check=lambda v: v in THRESHOLD_METRICS,
                          hint="one of " + ", ".join(THRESHOLD_METRICS))
+        before = len(c.problems)
         value = c.value(t, "value", "suite.leak_threshold", float, 20.0)
+        low, high = THRESHOLD_RANGES.get(metric, (-math.inf, math.inf))
+        if "value" in t and len(c.problems) == before and not low <= value <= high:
+            c.add("suite.leak_threshold.value", f"{metric} threshold {value!r} is outside the metric's range "
+                                                f"[{low:g}, {high:g}]: every image would count the same")
         threshold = LeakThreshold(metric, float(value))
 
     tm = c.table(raw.get("threat_model", {}), "threat_model", allowed=("labels", "bn_stats"))
@@ -494,6 +542,13 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
             dataset = reg["dataset"].build(dataset_spec.name, **dataset_spec.kwargs())
         except (OSError, ValueError) as err:
             c.add("dataset", str(err))
+        if dataset is not None and hasattr(dataset, "unreadable"):  # files on disk: every one read before compute
+            bad = dataset.unreadable()
+            root = dict(dataset_spec.params).get("root", "")
+            for file, why in bad[:10]:
+                c.add("dataset.root", f"cannot read image {file} (under {root!r}): {why}; remove or replace the file")
+            if len(bad) > 10:
+                c.add("dataset.root", f"... and {len(bad) - 10} more unreadable image(s) under {root!r}")
         if dataset is not None and images > len(dataset):
             c.add("suite.images", f"the suite asks for {images} images but {dataset_spec.name} has only {len(dataset)}")
 
@@ -518,6 +573,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
     victim_probe = _victim_probe(dataset)
     expanded: list[tuple[int, ComponentSpec, ComponentSpec, ComponentSpec, tuple[AttackSpec, ...], int,
                          tuple[int, ...] | None, tuple[AttackSpec, ...]]] = []
+    cell_count = 0  # counted before the cells are built, so a huge suite is refused without building them
     for i, case in enumerate(cases):
         cp = f"case[{i}]"
         case = c.table(case, cp, allowed=CASE_KEYS, required=("victim",))
@@ -547,13 +603,26 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
         if "attacks" in case or battery is None:
             attacks = _attacks(c, case.get("attacks"), _join(cp, "attacks"), reg, default_labels=default_labels,
                                labels_path=_join(cp, "labels") if "labels" in case else None, threat=threat)
+        if protocol is not None:
+            bs = max(1, protocol.kwargs().get("batch_size", 1))
+            batches = (len(case_images) if case_images is not None else images) // bs
+            cell_count += len(victims) * len(defenses) * (min(batches, 1) if budget == "smoke" else batches) * case_trials
+        if max_cells is not None and cell_count > max_cells:
+            continue  # refused below; expanding it would only take memory
+        _duplicate_case(c, case, cp, cases[:i])
         for v in victims:
             # a battery's attacks depend on the victim (closed forms exist for some) and the batch size
             with_battery = control_attacks = attacks
             if battery is not None and protocol is not None:
                 bs = protocol.kwargs().get("batch_size", 1)
-                with_battery = attacks + _battery_attacks(c, battery, _join(cp, "battery"), reg, victim=v,
-                                                          batch_size=bs, dataset=dataset, threat=threat)
+                from_battery = _battery_attacks(c, battery, _join(cp, "battery"), reg, victim=v,
+                                                batch_size=bs, dataset=dataset, threat=threat)
+                listed = {a.key for a in attacks}
+                repeated = ", ".join(a.label() for a in from_battery if _replace(a, battery=None).key in listed)
+                if repeated and v is victims[0]:
+                    c.add(_join(cp, "attacks"), f"repeats attack(s) of the case's battery at {_join(cp, 'battery')} "
+                                                f"({repeated}); delete them from the list, the battery runs them")
+                with_battery = attacks + from_battery
                 # the positive control runs the same battery at batch size 1 (resolved for it)
                 control_attacks = with_battery if bs == 1 else attacks + _battery_attacks(
                     c, battery, _join(cp, "battery"), reg, victim=v, batch_size=1, dataset=dataset, threat=threat)
@@ -561,6 +630,10 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full") -> Sui
                 if protocol is not None:
                     expanded.append((i, v, d, protocol, with_battery, case_trials, case_images, control_attacks))
 
+    if max_cells is not None and cell_count > max_cells:
+        c.add("case", f"the suite expands to {cell_count:,} cells (victims x defenses x batches x trials, summed over "
+                      f"the cases), more than the cap of {max_cells:,}; shrink it (fewer trials, images or swept "
+                      f"values), or raise the cap with --max-cells {cell_count} if you mean it")
     if c.problems:
         raise SuiteError(source, c.problems)
     assert dataset is not None and dataset_spec is not None
@@ -620,6 +693,8 @@ def _plugins(c: _Checker, raw: Mapping) -> tuple[str, ...]:
         except PluginError as err:
             c.add(f"suite.plugins[{j}]", str(err))
     return tuple(names)
+
+
 # --------------------------------------------------------------------------- positive controls
 
 
@@ -705,6 +780,25 @@ def merge_shared_cells(cells: Iterable[Cell]) -> list[Cell]:
             control_attacks=tuple(dict.fromkeys(old.control_attacks + cell.control_attacks)),
         )
     return list(merged.values())
+
+
+def _duplicate_case(c: _Checker, case: Mapping, cp: str, earlier: list) -> None:
+    """A ``[[case]]`` table equal to an earlier one would add the same cells twice, merged without a word."""
+    for k, other in enumerate(earlier):
+        if isinstance(other, dict) and dumps(other) == dumps(case):
+            c.add(cp, f"repeats case[{k}] (the same table): its cells are that case's; delete one of the two")
+            return
+
+
+def _duplicate_attacks(c: _Checker, specs: list[tuple[str, "AttackSpec"]], where: str) -> None:
+    """Two attacks of a case with the same identity would run (and count) twice for one stored result."""
+    seen: dict[str, str] = {}
+    for ap, spec in specs:
+        if spec.key in seen:
+            c.add(ap, f"repeats the attack at {seen[spec.key]} ({spec.label()}, same parameters and labels){where}; "
+                      "delete one, or change a parameter")
+        else:
+            seen[spec.key] = ap
 
 
 def _case_images(c: _Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...] | None:
@@ -872,7 +966,7 @@ def _attacks(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, d
         c.add(path, "a case needs at least one [[case.attacks]] table, or a battery "
                     f"(battery = \"standard-v1\"; known: {', '.join(battery_names())})")
         return ()
-    specs = []
+    specs, paths = [], []
     for j, item in enumerate(raw):
         ap = _join(path, j)
         spec, extras = _component(c, item, ap, reg["attack"], extra_keys=ATTACK_EXTRA_KEYS, probe=_instantiate)
@@ -887,6 +981,8 @@ def _attacks(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, d
         if spec is not None and labels_spec is not None:
             specs.append(AttackSpec(name=spec.name, version=spec.version, params=spec.params, given=spec.given,
                                     labels=labels_spec, timeout_s=timeout))
+            paths.append(ap)
+    _duplicate_attacks(c, list(zip(paths, specs)), "")
     return tuple(specs)
 
 

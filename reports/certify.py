@@ -31,6 +31,7 @@ written as PNG files next to ``certificate.md`` and inline in ``certificate.html
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -162,8 +163,18 @@ class RowVerdict:
 
     @property
     def slug(self) -> str:
-        text = f"{self.victim}-{self.defense}-{self.protocol}"
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120]
+        return file_stem(f"{self.victim}-{self.defense}-{self.protocol}", limit=100)
+
+
+def file_stem(text: str, *, limit: int) -> str:
+    """``text`` as a safe file-name part of at most ``limit`` characters: characters other than
+    letters, digits and ``._-`` become ``_``; a longer one keeps its start and ends in a hash of the
+    whole text, so two long names that share a start stay apart (file systems allow 255 bytes)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "_"
+    if len(safe) <= limit:
+        return safe
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{safe[:max(1, limit - 13)]}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -514,7 +525,7 @@ def write_certificate(certificate: Certificate, out_dir: str | Path) -> tuple[Pa
         for index, image in enumerate(row.evidence):
             if image.truth_png is None or image.reconstruction_png is None:
                 continue
-            stem = f"{row.slug}-{index}-{re.sub(r'[^A-Za-z0-9._-]+', '_', image.image_id)}"
+            stem = f"{row.slug}-{index}-{file_stem(image.image_id, limit=80)}"  # at most 185 + "-truth.png" etc.
             truth, recon = evidence_dir / f"{stem}-truth.png", evidence_dir / f"{stem}-reconstruction.png"
             truth.write_bytes(image.truth_png)
             recon.write_bytes(image.reconstruction_png)

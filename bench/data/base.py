@@ -211,7 +211,27 @@ def check_side(side: int, *, allowed: Sequence[int] | None = None, name: str) ->
         raise ValueError(f"{name}: side {side} is not supported; allowed sides: {', '.join(map(str, allowed))}")
     if side < 1:
         raise ValueError(f"{name}: side must be a positive number of pixels, got {side}")
+    _check_side_memory(side, name=name)
     return side
+
+
+#: float32 copies of an image that even the lightest attack holds at once (the image, its candidate,
+#: their gradients and the optimizer's moments): less memory than that, and the side cannot run
+IMAGE_COPIES = 8
+
+
+def _check_side_memory(side: int, *, name: str) -> None:
+    """Refuses a side whose images could not be held in this machine's memory, before anything is allocated."""
+    need = IMAGE_COPIES * 3 * 4 * side * side
+    try:
+        from leakbench.memory import free_cpu_bytes
+
+        free = free_cpu_bytes()
+    except Exception:  # no measurement off Linux: nothing to compare with
+        return
+    if need > free:
+        raise ValueError(f"{name}: side {side} needs at least {need / 2**30:.1f} GiB per image under attack, more "
+                         f"than the {free / 2**30:.1f} GiB this machine has free; choose a smaller side")
 
 
 def check_split(split: str, *, allowed: Sequence[str], name: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,13 +41,68 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder`` (hidden entries skipped), in sorted order."""
+def _images_under(folder: Path, seen: set[str] | None = None) -> list[Path]:
+    """Image files anywhere below ``folder`` (hidden entries skipped), in sorted order.
+
+    Symbolic links to folders are followed once: a folder already walked (by its real path,
+    ``seen`` shared across class folders) is not walked again, so a link loop ends."""
+    seen = set() if seen is None else seen
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            logger.warning("imagefolder: %s leads back to %s, already read; not reading it twice", dirpath, real)
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image(Path(dirpath) / f))
     return found
+
+
+#: images whose header claims more pixels than this are refused (decompression bombs and impossible sizes)
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey images scaled by their real range to 8 bits (PIL's convert would clip them at 255)."""
+    import numpy as np
+
+    if image.mode not in _WIDE_MODES and image.mode not in ("I", "F"):
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode in _WIDE_MODES:
+        top = _WIDE_MODES[image.mode]
+    elif image.mode == "I":  # 16-bit PNGs open as "I": their range is 16 bits unless a value says more
+        top = 65535.0 if array.max(initial=0) <= 65535 else float(array.max())
+    else:  # float images: [0, 1] when they fit, else their own maximum
+        top = 1.0 if array.max(initial=0) <= 1.0 else float(array.max())
+    array = np.clip(array, 0, None) / max(top, 1e-12) * 255.0
+    return Image.fromarray(np.round(array).astype(np.uint8), mode="L")
+
+
+def check_image_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image, from its header (and, for PNG, its chunks' checksums),
+    without decoding its pixels; None when it can."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty (zero bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width < 1 or height < 1 or width * height > MAX_PIXELS:
+                    return (f"its header claims {width} x {height} pixels, more than the {MAX_PIXELS:,} "
+                            "an image may have (a decompression bomb or a damaged header)")
+                image.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return f"a decompression bomb ({err})"
+    except UnidentifiedImageError:
+        return "not an image file PIL can read (its name ends like one, its content is not)"
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or damaged data
+        return f"damaged or truncated ({err})"
+    return None
 
 
 def _normalization(channels: int, mean: Sequence[float] | None, std: Sequence[float] | None) -> Normalization:
@@ -98,11 +154,15 @@ class ImageFolderSet(ImageSet):
         try:
             with Image.open(path) as image:
                 image = ImageOps.exif_transpose(image)
-                image = image.convert("L" if self.channels == 1 else "RGB")
-        except (OSError, UnidentifiedImageError) as err:
+                image = _to_8bit(image).convert("L" if self.channels == 1 else "RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             raise ValueError(f"imagefolder: cannot read image {path}: {err}; remove or replace the file") from err
         square = resize_square(center_square(image), self.side)
         return to_uint8_tensor(square, channels=self.channels), self._labels[index]
+
+    def unreadable(self) -> list[tuple[Path, str]]:
+        """Every file that cannot be read, with why (``check_image_file``: headers only, fast)."""
+        return [(path, why) for path in self._files if (why := check_image_file(path)) is not None]
 
     def _source(self) -> dict[str, Any]:
         return {
@@ -140,7 +200,8 @@ def imagefolder(
 
     direct = sorted(p for p in path.iterdir() if _is_image(p))
     subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = {d.name: _images_under(d) for d in subfolders}
+    seen = {str(path)}
+    per_class = {d.name: _images_under(d, seen) for d in subfolders}
     searched = ", ".join(IMAGE_EXTENSIONS)
     if direct and any(per_class.values()):
         with_images = [n for n, files in per_class.items() if files]

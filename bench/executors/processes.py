@@ -41,8 +41,13 @@ def devices_for(workers: int | None, device: torch.device) -> list[str]:
 
 def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, results, worker_id: int,
                  acceleration=None, memory_share: float = 1.0) -> None:
+    import signal
+
     from leakbench.execute import Worker
 
+    # Ctrl-C reaches the whole process group: the driver alone handles it (it keeps the finished
+    # rows and ends the workers at once), so a worker neither prints a traceback nor finishes its pack
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -135,6 +140,11 @@ class ProcessExecutor:
                 else:
                     w["busy"] = None
                     feed(worker_id)
+        except BaseException:  # Ctrl-C or an error of the driver: the work in flight is not kept, end it now
+            for w in workers.values():
+                if w["proc"].is_alive():
+                    w["proc"].kill()
+            raise
         finally:
             for w in workers.values():
                 try:

@@ -181,3 +181,15 @@ def test_a_control_form_row_without_a_stored_control_is_its_own(tmp_path: Path) 
     assert own.verdict == "inconclusive"  # 1 of 3 leaks: under the default half
     assert other.control is None and other.verdict == "inconclusive"
     assert "no positive control" in other.reason
+
+
+def test_evidence_file_names_stay_short_for_long_image_ids(tmp_path: Path) -> None:
+    b = StoreBuilder(tmp_path / "store")
+    b.cell("c0", victim="v" * 300, defense="none")
+    long_a, long_b = "imagefolder/" + "a" * 400 + "/x.png@32", "imagefolder/" + "a" * 400 + "/y.png@32"
+    b.attack("c0", [(long_a, 30.0), (long_b, 29.0)])
+    certificate = certify(load_results(b.close()), limits=Limits(max_psnr_db=20.0), evidence_images=2)
+    write_certificate(certificate, tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out" / "certificate").iterdir())
+    assert len(names) == 4 and len(set(names)) == 4  # two images, truth and reconstruction each, none merged
+    assert max(len(n.encode()) for n in names) <= 255

@@ -26,6 +26,9 @@ def test_parser_constants_match_the_engine():
 
     assert cli.EXECUTORS == EXECUTORS
     assert cli.DEFAULT_MAX_PACK == DEFAULT_MAX_PACK
+    from leakbench.suite import DEFAULT_MAX_CELLS
+
+    assert cli.DEFAULT_MAX_CELLS == DEFAULT_MAX_CELLS
 
 
 def test_version(capsys):
