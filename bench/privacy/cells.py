@@ -42,8 +42,7 @@ class ReroSpec:
 
 def parse_rero(checker, raw: Any, path: str, reg: Mapping, *, dataset, dataset_spec) -> ReroSpec | None:
     """Validate a suite's ``[rero]`` table (``leakbench.suite`` calls this; ``checker`` collects the problems)."""
-    from leakbench.suite import _join, training_set
-
+    _join = checker.join  # leakbench.suite's checker: no import of leakbench.suite from here (no cycle)
     before = len(checker.problems)
     t = checker.table(raw, path, allowed=RERO_KEYS)
     confidence = checker.value(t, "confidence", path, float, DEFAULT_CONFIDENCE, check=lambda v: 0 < v < 1,
@@ -52,8 +51,8 @@ def parse_rero(checker, raw: Any, path: str, reg: Mapping, *, dataset, dataset_s
                                hint="kappa needs at least 2 prior images")
     prior = params = None
     if "prior" in t:
-        prior_spec, params, _ = training_set(
-            checker, t["prior"], _join(path, "prior"), reg, dataset=dataset, dataset_spec=dataset_spec,
+        prior_spec, params, _ = checker.training_set(
+            t["prior"], _join(path, "prior"), reg, dataset=dataset, dataset_spec=dataset_spec,
             purpose="kappa is the success of a guess at the attacked images from a prior of the same kind",
             same_images="kappa would be estimated on the attacked images themselves")
         prior = None if prior_spec is None else prior_spec.name

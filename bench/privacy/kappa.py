@@ -127,9 +127,9 @@ def default_prior(dataset_name: str, params: dict[str, Any]) -> dict[str, Any] |
 def _prior_images(name: str, params_json: str, max_images: int):
     import json
 
-    from leakbench import components
+    from leakbench.data import DATASETS  # plug-in data sets register here too
 
-    dataset = components.registries()["dataset"].build(name, **json.loads(params_json))
+    dataset = DATASETS.build(name, **json.loads(params_json))
     return dataset.batch(list(range(min(len(dataset), max_images))))
 
 
