@@ -181,7 +181,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    suite = _load(args.suite)
+    suite = _load(args.suite, args.budget)
     if suite is None:
         return EXIT_BAD_INPUT
     from leakbench import reports
@@ -271,6 +271,14 @@ def _execution_options(parser: argparse.ArgumentParser) -> None:
                             "slower on a CPU)")
 
 
+def _budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", default="full", choices=("full", "cpu", "smoke"),  # leakbench.suite.BUDGETS
+                        help="the battery tier: full runs the batteries as named; cpu runs standard-v1 as cpu-v1 "
+                             "(budgets measured to break undefended controls on a 2-core CPU, see "
+                             "leakbench.attacks.battery); smoke: 2 images, 4 iterations, 1 restart, 1 epoch and "
+                             "smoke-v1 — checks that every cell runs, says nothing about leakage")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leakbench", description="Audit how much federated-learning updates leak.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -281,15 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="directory of the store and reports (default: results/<suite name>)")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--retry-failed", action="store_true", help="run again the attack runs that failed before")
-    run.add_argument("--budget", default="full", choices=("full", "smoke"),
-                     help="smoke: 2 images, 4 iterations, 1 restart, 1 epoch — checks that every cell runs, says nothing about leakage")
+    _budget_option(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _execution_options(run)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a suite without running anything")
     check.add_argument("suite")
-    check.add_argument("--budget", default="full", choices=("full", "smoke"))
+    _budget_option(check)
     check.set_defaults(func=cmd_check)
 
     lst = sub.add_parser("list", help="list registered components")
@@ -336,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--evidence", type=int, default=3, help="most-leaking images shown per row (default 3)")
     cert.add_argument("--no-run", action="store_true", help="never run attacks: exit 2 if the store lacks some")
     cert.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _budget_option(cert)
     cert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _execution_options(cert)
     cert.set_defaults(func=cmd_certify)

@@ -373,7 +373,9 @@ VICTIM_STATES = ("init", "trained")
 THRESHOLD_METRICS = ("psnr_db", "ssim", "lpips")
 
 
-BUDGETS = ("full", "smoke")
+BUDGETS = ("full", "cpu", "smoke")
+# The cpu budget swaps batteries only (standard-v1 runs as cpu-v1, see leakbench.attacks.battery);
+# attacks a case lists run as written.
 # The smoke budget keeps a suite's structure and shrinks its work: it checks that every
 # cell runs, in minutes on a CPU; its numbers say nothing about leakage.
 SMOKE_IMAGES = 2

@@ -8,9 +8,35 @@ every stored row's ``battery`` column names exactly what ran.
 Batteries
 
 - ``standard-v1``: the published attacks at their papers' budgets (GPU-sized).
-- ``smoke-v1``: the same attacks and rules at tiny budgets: tests and CPU runs. Its
-  numbers say nothing about leakage. ``resolve_battery(name, budget="smoke")`` swaps
-  any battery for its smoke twin, which is what ``leakbench run --budget smoke`` does.
+- ``cpu-v1``: the same attacks and rules at budgets sized for a 2-core CPU by measuring
+  them against positive controls (no defense, FedSGD batch 1, photos at 32x32, labels
+  recovered); ``leakbench run --budget cpu`` runs it in place of ``standard-v1``.
+- ``smoke-v1``: the same attacks and rules at tiny budgets: tests only. Its numbers say
+  nothing about leakage. ``resolve_battery(name, budget="smoke")`` swaps ``standard-v1``
+  and ``cpu-v1`` for it, which is what ``leakbench run --budget smoke`` does.
+
+What ``cpu-v1`` breaks (measured with ``tests/perf/measure_cpu_tier.py``, table in
+``tests/perf/measured/cpu_tier.json`` and in the README; 20 dB PSNR threshold):
+
+- ``lenet``: iDLG is what breaks it: at 100 x 20 L-BFGS updates 1 of 2 images above
+  20 dB (31.3, 19.5 dB; at 15 iterations 14.6, 14.5); Inverting Gradients at 2400
+  iterations reached 18.6, 18.4 dB. The other attacks are kept at budgets that cost
+  little next to these.
+- ``convnet`` (width 16), BatchNorm in eval mode: Inverting Gradients at 2400
+  iterations, TV 0.05, puts 1 of 2 images above 20 dB (20.2, 11.2 dB); at 4800
+  iterations 2 of 4 (20.0, 21.5, 12.8, 8.6; measured before this tier).
+- ``convnet``, BatchNorm in train mode: no CPU budget measured breaks it. Inverting
+  Gradients at 4800 iterations stalls (matching loss about 0.05; 0 of 4 above 20 dB,
+  next to grey-guess floors of 7-16 dB, measured before this tier); GradInversion with the running-statistics
+  prior at 500 iterations: 6.4, 5.6 dB. ``certify`` says inconclusive there.
+- ``resnet20``: not shown broken at a CPU budget. Inverting Gradients costs about 72
+  CPU seconds per 1000 iterations per image (300 iterations: 12.6, 13.8 dB, BatchNorm
+  eval), so this tier's 2400 iterations take about 3 CPU minutes per image.
+- ``fc``: ``analytic_fc`` is exact (its closed form needs no budget).
+
+Measured under heavy load on a shared 2-core machine (load average 14-17), so wall
+times there are several times those of idle cores; the CPU seconds per image recorded
+in the JSON are the steadier figure.
 
 Rules (how an entry becomes attack tables for one case)
 
@@ -114,11 +140,22 @@ SMOKE_V1: tuple[BatteryEntry, ...] = (
     _entry("analytic_fc", ("idlg", "analytic"), requirement="analytic_fc"),
 )
 
-BATTERIES: dict[str, tuple[BatteryEntry, ...]] = {"standard-v1": STANDARD_V1, "smoke-v1": SMOKE_V1}
+CPU_V1: tuple[BatteryEntry, ...] = (
+    _entry("dlg", ("none", "none"), iterations=50, inner_steps=20, lr=1.0, restarts=1),
+    _entry("idlg", ("idlg", "idlg"), iterations=100, inner_steps=20, lr=1.0, restarts=1, single_image_only=True),
+    _entry("inverting_gradients", ("idlg", "geng"), iterations=2400, restarts=1, lr=0.1, tv_weight=5e-2),
+    _entry("gradinversion", ("idlg", "geng"), iterations=500, restarts=1, bn_prior_from_threat=True),
+    _entry("geng", ("geng", "geng"), iterations=20, inner_steps=20, lr=0.1, restarts=1),
+    _entry("analytic_fc", ("idlg", "analytic"), requirement="analytic_fc"),
+)
+
+BATTERIES: dict[str, tuple[BatteryEntry, ...]] = {"standard-v1": STANDARD_V1, "cpu-v1": CPU_V1,
+                                                 "smoke-v1": SMOKE_V1}
 #: the battery a budget runs instead of the named one
 BUDGET_SWAPS: dict[str, dict[str, str]] = {
     "full": {},
-    "smoke": {"standard-v1": "smoke-v1"},
+    "cpu": {"standard-v1": "cpu-v1"},
+    "smoke": {"standard-v1": "smoke-v1", "cpu-v1": "smoke-v1"},
 }
 
 
