@@ -15,28 +15,31 @@ Batteries
   nothing about leakage. ``resolve_battery(name, budget="smoke")`` swaps ``standard-v1``
   and ``cpu-v1`` for it, which is what ``leakbench run --budget smoke`` does.
 
-What ``cpu-v1`` breaks (measured with ``tests/perf/measure_cpu_tier.py``, table in
-``tests/perf/measured/cpu_tier.json`` and in the README; 20 dB PSNR threshold):
+What ``cpu-v1`` breaks (measured with ``tests/perf/measure_cpu_tier.py`` on the quick
+suite's two images per victim; table in ``tests/perf/measured/cpu_tier.json`` and in the
+README; 20 dB PSNR threshold; the whole battery unless an attack is named):
 
-- ``lenet``: iDLG is what breaks it: at 100 x 20 L-BFGS updates 1 of 2 images above
-  20 dB (31.3, 19.5 dB; at 15 iterations 14.6, 14.5); Inverting Gradients at 2400
-  iterations reached 18.6, 18.4 dB. The other attacks are kept at budgets that cost
-  little next to these.
-- ``convnet`` (width 16), BatchNorm in eval mode: Inverting Gradients at 2400
-  iterations, TV 0.05, puts 1 of 2 images above 20 dB (20.2, 11.2 dB); at 4800
-  iterations 2 of 4 (20.0, 21.5, 12.8, 8.6; measured before this tier).
-- ``convnet``, BatchNorm in train mode: no CPU budget measured breaks it. Inverting
-  Gradients at 4800 iterations stalls (matching loss about 0.05; 0 of 4 above 20 dB,
-  next to grey-guess floors of 7-16 dB, measured before this tier); GradInversion with the running-statistics
-  prior at 500 iterations: 6.4, 5.6 dB. ``certify`` says inconclusive there.
-- ``resnet20``: not shown broken at a CPU budget. Inverting Gradients costs about 72
-  CPU seconds per 1000 iterations per image (300 iterations: 12.6, 13.8 dB, BatchNorm
+- ``lenet``: 1 of 2 images (31.6, 19.7 dB), both from iDLG, the attack that breaks it:
+  iDLG at 15 x 20 updates reached 14.6, 14.5 dB; DLG at 50 x 20 reached 22.7 on one
+  image; Inverting Gradients at 2400 iterations 18.6, 18.4 (4800: 20.2, 17.8).
+- ``convnet`` (width 16), BatchNorm in eval mode: 1 of 2 (20.5, 12.5), from Inverting
+  Gradients (alone at 2400 iterations, TV 0.05: 20.2, 11.2; at 4800 iterations 2 of 4
+  images, measured before this tier).
+- ``convnet``, BatchNorm in train mode: 0 of 2 (12.3, 10.4). No budget measured on a CPU
+  breaks it: Inverting Gradients stalls (matching loss 0.04-0.06 at 2400 iterations; at
+  1200 x 4 restarts 12.9, 9.4 dB; at 4800 iterations 0 of 4, measured before this tier);
+  GradInversion with the running-statistics prior at 500 iterations 6.4, 5.6 dB; DLG,
+  iDLG and Geng et al. at most 8.9 dB. ``certify`` is inconclusive there.
+- ``resnet20``: not shown broken at a CPU budget. Inverting Gradients costs about 72 CPU
+  seconds per 1000 iterations per image (300 iterations: 12.6, 13.8 dB, BatchNorm
   eval), so this tier's 2400 iterations take about 3 CPU minutes per image.
-- ``fc``: ``analytic_fc`` is exact (its closed form needs no budget).
+- ``fc``: 2 of 2 (``analytic_fc`` is exact; GradInversion alone reached 30.6, 38.3 dB).
 
-Measured under heavy load on a shared 2-core machine (load average 14-17), so wall
-times there are several times those of idle cores; the CPU seconds per image recorded
-in the JSON are the steadier figure.
+"Most images" is not reached on any convolutional victim at these budgets; two images
+per control make the rates coarse. Measured on a 2-core machine shared with other jobs
+(1-minute load average 14-23), so wall times there were several times those of idle
+cores (the whole battery: 233 s per LeNet image, 273 and 306 s per ConvNet image in
+train and eval mode, 144 s per FC image); the JSON records the CPU seconds too.
 
 Rules (how an entry becomes attack tables for one case)
 
