@@ -193,7 +193,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
         missing = _missing_work(suite, store_path(out))
         if missing and args.no_run:
             print(f"error: the store under {out} lacks {missing} attack run(s) of suite {suite.name!r} "
-                  f"(hash {suite.hash}); run it first (leakbench run {args.suite} --out {out}) or leave out --no-run",
+                  f"(hash {suite.hash}); run it first (leakbench run {args.suite} --out {out}"
+                  f"{'' if args.budget == 'full' else ' --budget ' + args.budget}) or leave out --no-run",
                   file=sys.stderr)
             return EXIT_BAD_INPUT
         if missing:

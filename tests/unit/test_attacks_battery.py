@@ -154,3 +154,20 @@ def test_cpu_budget_leaves_listed_attacks_as_written():
     full, cpu = parse_suite(text), parse_suite(text, budget="cpu")
     assert [a.params for c in cpu.cells for a in c.attacks] == [a.params for c in full.cells for a in c.attacks]
     assert all(a.battery is None for c in cpu.cells for a in c.attacks)
+
+
+def test_certify_loads_the_suite_at_its_budget(tmp_path, capsys):
+    from leakbench.cli import main
+
+    suite = tmp_path / "battery.toml"
+    suite.write_text(textwrap.dedent(SUITE), encoding="utf-8")
+    hashes = {}
+    for budget in ("full", "cpu", "smoke"):
+        code = main(["certify", str(suite), "--max-psnr", "20", "--no-run", "--out", str(tmp_path / "out"),
+                     "--budget", budget])
+        err = capsys.readouterr().err
+        assert code == 2 and "lacks" in err
+        assert ("--budget" in err) == (budget != "full")  # the hint runs the same budget
+        hashes[budget] = err.split("(hash ")[1].split(")")[0]
+    assert hashes["cpu"] == parse_suite(textwrap.dedent(SUITE), budget="cpu").hash
+    assert len(set(hashes.values())) == 3
