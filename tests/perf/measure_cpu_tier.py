@@ -11,7 +11,11 @@ loss, and the seconds (the run's wall time and each attack's share of its packed
     .venv/bin/python tests/perf/measure_cpu_tier.py --victim convnet --bn-mode eval \\
         --attack inverting_gradients --param iterations=4800 --param tv_weight=0.05
     .venv/bin/python tests/perf/measure_cpu_tier.py --victim lenet --battery cpu-v1
+    .venv/bin/python tests/perf/measure_cpu_tier.py --from-store results/quick   # a run's own controls
     .venv/bin/python tests/perf/measure_cpu_tier.py --table      # print the table measured so far
+
+On a machine shared with other jobs, ``OMP_WAIT_POLICY=PASSIVE`` keeps the two compute
+threads from spinning while they wait for each other (it changes no result, only time).
 
 Resumable twice over: a measurement already in ``--json`` is skipped (``--again`` reruns
 it), and an interrupted one (Ctrl-C, SIGTERM, ``timeout``) resumes from its store, its
@@ -199,7 +203,7 @@ def measure(args: argparse.Namespace, key: str, text: str) -> dict[str, Any]:
         "threshold_db": args.threshold,
         "leak_share": sum(p is not None and p > args.threshold for p in worst) / n,
         "image_ids": images, "worst_case_psnr_db": worst, "wall_seconds": round(wall, 1), "seconds_per_image": round(wall / n, 1),
-        # CPU time of this process (all its threads): on a loaded machine, wall time / threads is at least this
+        # CPU time of this process, all its threads, over every invocation
         "cpu_seconds": round(cpu, 1), "cpu_seconds_per_image": round(cpu / n, 1),
         "statuses": summary.statuses, "per_attack": per_attack,
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
