@@ -15,7 +15,8 @@ loss, and the seconds (the run's wall time and each attack's share of its packed
     .venv/bin/python tests/perf/measure_cpu_tier.py --table      # print the table measured so far
 
 On a machine shared with other jobs, ``OMP_WAIT_POLICY=PASSIVE`` keeps the two compute
-threads from spinning while they wait for each other (it changes no result, only time).
+threads from spinning while they wait for each other (it changes timings; results differ
+only where a pack size chosen by timing differs, as between any two runs).
 
 Resumable twice over: a measurement already in ``--json`` is skipped (``--again`` reruns
 it), and an interrupted one (Ctrl-C, SIGTERM, ``timeout``) resumes from its store, its
