@@ -30,9 +30,10 @@ README; 20 dB PSNR threshold; the whole battery unless an attack is named):
   1200 x 4 restarts 12.9, 9.4 dB; at 4800 iterations 0 of 4, measured before this tier);
   GradInversion with the running-statistics prior at 500 iterations 6.4, 5.6 dB; DLG,
   iDLG and Geng et al. at most 8.9 dB. ``certify`` is inconclusive there.
-- ``resnet20``: not shown broken at a CPU budget. Inverting Gradients costs about 72 CPU
-  seconds per 1000 iterations per image (300 iterations: 12.6, 13.8 dB, BatchNorm
-  eval), so this tier's 2400 iterations take about 3 CPU minutes per image.
+- ``resnet20``, BatchNorm in eval mode: not shown broken at a CPU budget. This tier's
+  Inverting Gradients alone took 193 CPU seconds for one image and left it at 16.7 dB
+  (matching loss 0.012; at 300 iterations 13.8 and 12.6 dB on two images). Train mode
+  was not measured.
 - ``fc``: 2 of 2 (``analytic_fc`` is exact; GradInversion alone reached 30.6, 38.3 dB).
 
 "Most images" is not reached on any convolutional victim at these budgets; two images
