@@ -221,7 +221,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    suite = _load(args.suite, max_cells=args.max_cells)
+    suite = _load(args.suite, args.budget, max_cells=args.max_cells)
     if suite is None:
         return EXIT_BAD_INPUT
     from leakbench import reports
@@ -233,7 +233,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
         missing = _missing_work(suite, store_path(out))
         if missing and args.no_run:
             print(f"error: the store under {out} lacks {missing} attack run(s) of suite {suite.name!r} "
-                  f"(hash {suite.hash}); run it first (leakbench run {args.suite} --out {out}) or leave out --no-run",
+                  f"(hash {suite.hash}); run it first (leakbench run {args.suite} --out {out}"
+                  f"{'' if args.budget == 'full' else ' --budget ' + args.budget}) or leave out --no-run",
                   file=sys.stderr)
             return EXIT_BAD_INPUT
         if missing:
@@ -340,7 +341,9 @@ def _execution(args: argparse.Namespace) -> dict:
 EXECUTORS = ("local", "processes", "ray")
 DEFAULT_MAX_PACK = 8
 DEFAULT_MAX_CELLS = 100_000  # leakbench.suite.DEFAULT_MAX_CELLS
-BUDGET_HELP = ("full (default): the suite as written; smoke: one batch per case and 1 trial, listed attacks capped "
+BUDGET_HELP = ("the battery tier. full (default): the suite as written, batteries as named; cpu: standard-v1 runs as "
+               "cpu-v1 (budgets measured to break undefended controls on a 2-core CPU, see leakbench.attacks.battery), "
+               "listed attacks as written; smoke: one batch per case and 1 trial, listed attacks capped "
                "at 4 iterations and 1 restart, training at 1 epoch, batteries swapped for their smoke twins: checks "
                "that every cell runs, says nothing about leakage (budgets: leakbench.attacks.battery.BUDGET_SWAPS)")
 
@@ -511,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--evidence", type=int, default=3, help="most-leaking images shown per row (default 3)")
     cert.add_argument("--no-run", action="store_true", help="never run attacks: exit 2 if the store lacks some")
     cert.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _budget_option(cert)
     _output_options(cert)
     _execution_options(cert)
     cert.set_defaults(func=cmd_certify)

@@ -405,7 +405,9 @@ THRESHOLD_RANGES = {"psnr_db": (0.0, 100.0), "ssim": (-1.0, 1.0), "lpips": (0.0,
 DEFAULT_MAX_CELLS = 100_000
 
 
-BUDGETS = ("full", "smoke")
+BUDGETS = ("full", "cpu", "smoke")
+# The cpu budget swaps batteries only (standard-v1 runs as cpu-v1, see leakbench.attacks.battery);
+# attacks a case lists run as written.
 # The smoke budget keeps a suite's structure and shrinks its work: it checks that every
 # cell runs, in minutes on a CPU; its numbers say nothing about leakage.
 SMOKE_IMAGES = 2

@@ -8,9 +8,39 @@ every stored row's ``battery`` column names exactly what ran.
 Batteries
 
 - ``standard-v1``: the published attacks at their papers' budgets (GPU-sized).
-- ``smoke-v1``: the same attacks and rules at tiny budgets: tests and CPU runs. Its
-  numbers say nothing about leakage. ``resolve_battery(name, budget="smoke")`` swaps
-  any battery for its smoke twin, which is what ``leakbench run --budget smoke`` does.
+- ``cpu-v1``: the same attacks and rules at budgets sized for a 2-core CPU by measuring
+  them against positive controls (no defense, FedSGD batch 1, photos at 32x32, labels
+  recovered); ``leakbench run --budget cpu`` runs it in place of ``standard-v1``.
+- ``smoke-v1``: the same attacks and rules at tiny budgets: tests only. Its numbers say
+  nothing about leakage. ``resolve_battery(name, budget="smoke")`` swaps ``standard-v1``
+  and ``cpu-v1`` for it, which is what ``leakbench run --budget smoke`` does.
+
+What ``cpu-v1`` breaks (measured with ``tests/perf/measure_cpu_tier.py`` on the quick
+suite's two images per victim; table in ``tests/perf/measured/cpu_tier.json`` and in the
+README; 20 dB PSNR threshold; the whole battery unless an attack is named):
+
+- ``lenet``: 1 of 2 images (31.6, 19.7 dB), both from iDLG, the attack that breaks it:
+  iDLG at 15 x 20 updates reached 14.6, 14.5 dB; DLG at 50 x 20 reached 22.7 on one
+  image; Inverting Gradients at 2400 iterations 18.6, 18.4 (4800: 20.2, 17.8).
+- ``convnet`` (width 16), BatchNorm in eval mode: 1 of 2 (20.5, 12.5), from Inverting
+  Gradients (alone at 2400 iterations, TV 0.05: 20.2, 11.2; at 4800 iterations 2 of 4
+  images, measured before this tier).
+- ``convnet``, BatchNorm in train mode: 0 of 2 (12.3, 10.4). No budget measured on a CPU
+  breaks it: Inverting Gradients stalls (matching loss 0.04-0.06 at 2400 iterations; at
+  1200 x 4 restarts 12.9, 9.4 dB; at 4800 iterations 0 of 4, measured before this tier);
+  GradInversion with the running-statistics prior at 500 iterations 6.4, 5.6 dB; DLG,
+  iDLG and Geng et al. at most 8.9 dB. ``certify`` is inconclusive there.
+- ``resnet20``, BatchNorm in eval mode: not shown broken at a CPU budget. This tier's
+  Inverting Gradients alone took 193 CPU seconds for one image and left it at 16.7 dB
+  (matching loss 0.012; at 300 iterations 13.8 and 12.6 dB on two images). Train mode
+  was not measured.
+- ``fc``: 2 of 2 (``analytic_fc`` is exact; GradInversion alone reached 30.6, 38.3 dB).
+
+"Most images" is not reached on any convolutional victim at these budgets; two images
+per control make the rates coarse. Measured on a 2-core machine shared with other jobs
+(1-minute load average 14-23), so wall times there were several times those of idle
+cores (the whole battery: 233 s per LeNet image, 273 and 306 s per ConvNet image in
+train and eval mode, 144 s per FC image); the JSON records the CPU seconds too.
 
 Rules (how an entry becomes attack tables for one case)
 
@@ -114,11 +144,22 @@ SMOKE_V1: tuple[BatteryEntry, ...] = (
     _entry("analytic_fc", ("idlg", "analytic"), requirement="analytic_fc"),
 )
 
-BATTERIES: dict[str, tuple[BatteryEntry, ...]] = {"standard-v1": STANDARD_V1, "smoke-v1": SMOKE_V1}
+CPU_V1: tuple[BatteryEntry, ...] = (
+    _entry("dlg", ("none", "none"), iterations=50, inner_steps=20, lr=1.0, restarts=1),
+    _entry("idlg", ("idlg", "idlg"), iterations=100, inner_steps=20, lr=1.0, restarts=1, single_image_only=True),
+    _entry("inverting_gradients", ("idlg", "geng"), iterations=2400, restarts=1, lr=0.1, tv_weight=5e-2),
+    _entry("gradinversion", ("idlg", "geng"), iterations=500, restarts=1, bn_prior_from_threat=True),
+    _entry("geng", ("geng", "geng"), iterations=20, inner_steps=20, lr=0.1, restarts=1),
+    _entry("analytic_fc", ("idlg", "analytic"), requirement="analytic_fc"),
+)
+
+BATTERIES: dict[str, tuple[BatteryEntry, ...]] = {"standard-v1": STANDARD_V1, "cpu-v1": CPU_V1,
+                                                 "smoke-v1": SMOKE_V1}
 #: the battery a budget runs instead of the named one
 BUDGET_SWAPS: dict[str, dict[str, str]] = {
     "full": {},
-    "smoke": {"standard-v1": "smoke-v1"},
+    "cpu": {"standard-v1": "cpu-v1"},
+    "smoke": {"standard-v1": "smoke-v1", "cpu-v1": "smoke-v1"},
 }
 
 

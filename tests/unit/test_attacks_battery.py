@@ -34,6 +34,23 @@ def test_smoke_twin_has_the_same_attacks_and_rules():
         effective_battery("standard-v2")
 
 
+def test_cpu_tier_has_the_same_attacks_and_rules_and_smaller_budgets():
+    standard, cpu = BATTERIES["standard-v1"], BATTERIES["cpu-v1"]
+    rules = [(e.attack, e.labels_single, e.labels_batch, e.single_image_only, e.requirement, e.bn_prior_from_threat)
+             for e in standard]
+    assert rules == [(e.attack, e.labels_single, e.labels_batch, e.single_image_only, e.requirement,
+                      e.bn_prior_from_threat) for e in cpu]
+    for full, small in zip(standard, cpu):
+        full_p, small_p = dict(full.params), dict(small.params)
+        work = full_p.get("iterations", 0) * full_p.get("restarts", 1)
+        assert small_p.get("iterations", 0) * small_p.get("restarts", 1) <= work, full.attack
+    assert effective_battery("standard-v1", budget="cpu") == "cpu-v1"
+    assert effective_battery("cpu-v1", budget="smoke") == "smoke-v1"  # a suite naming the tier still smokes
+    assert effective_battery("cpu-v1") == "cpu-v1" == effective_battery("cpu-v1", budget="cpu")
+    with pytest.raises(KeyError, match="unknown budget 'gpu'"):
+        effective_battery("standard-v1", budget="gpu")
+
+
 def test_labels_follow_the_batch_size():
     single = {t["name"]: t["labels"] for t in resolve_battery("standard-v1", batch_size=1)}
     batch = {t["name"]: t["labels"] for t in resolve_battery("standard-v1", batch_size=8)}
@@ -96,6 +113,10 @@ def test_suite_expands_a_battery_per_victim_and_budget():
     smoke = parse_suite(textwrap.dedent(SUITE), budget="smoke")
     assert {a.battery for c in smoke.cells for a in c.attacks} == {"smoke-v1"}
     assert smoke.hash != suite.hash
+    cpu = parse_suite(textwrap.dedent(SUITE), budget="cpu")
+    assert {a.battery for c in cpu.cells for a in c.attacks} == {"cpu-v1"}
+    assert cpu.budget == "cpu" and len({suite.hash, smoke.hash, cpu.hash}) == 3
+    assert dict(cpu.cells[0].attacks[1].params)["iterations"] == dict(BATTERIES["cpu-v1"][2].params)["iterations"]
     # listed attacks keep their keys: no battery field in their identity
     listed = parse_suite(textwrap.dedent(SUITE).replace('battery = "standard-v1"',
                                                         '[[case.attacks]]\nname = "inverting_gradients"'))
@@ -114,3 +135,39 @@ def test_suite_reports_bad_batteries():
     with pytest.raises(SuiteError) as info:
         parse_suite(textwrap.dedent(SUITE).replace('battery = "standard-v1"', ""))
     assert "battery" in dict(info.value.problems)["case[0].attacks"]
+
+
+def test_budget_flag_on_run_check_and_certify():
+    from leakbench.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["run", "s.toml"], ["check", "s.toml"], ["certify", "s.toml", "--max-psnr", "20"]):
+        assert parser.parse_args(argv).budget == "full"
+        assert parser.parse_args(argv + ["--budget", "cpu"]).budget == "cpu"
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv + ["--budget", "gpu"])
+
+
+def test_cpu_budget_leaves_listed_attacks_as_written():
+    text = textwrap.dedent(SUITE).replace('battery = "standard-v1"',
+                                          '[[case.attacks]]\nname = "inverting_gradients"\niterations = 500')
+    full, cpu = parse_suite(text), parse_suite(text, budget="cpu")
+    assert [a.params for c in cpu.cells for a in c.attacks] == [a.params for c in full.cells for a in c.attacks]
+    assert all(a.battery is None for c in cpu.cells for a in c.attacks)
+
+
+def test_certify_loads_the_suite_at_its_budget(tmp_path, capsys):
+    from leakbench.cli import main
+
+    suite = tmp_path / "battery.toml"
+    suite.write_text(textwrap.dedent(SUITE), encoding="utf-8")
+    hashes = {}
+    for budget in ("full", "cpu", "smoke"):
+        code = main(["certify", str(suite), "--max-psnr", "20", "--no-run", "--out", str(tmp_path / "out"),
+                     "--budget", budget])
+        err = capsys.readouterr().err
+        assert code == 2 and "lacks" in err
+        assert ("--budget" in err) == (budget != "full")  # the hint runs the same budget
+        hashes[budget] = err.split("(hash ")[1].split(")")[0]
+    assert hashes["cpu"] == parse_suite(textwrap.dedent(SUITE), budget="cpu").hash
+    assert len(set(hashes.values())) == 3
