@@ -104,7 +104,7 @@ battery = "standard-v1"
 
 def test_suite_expands_a_battery_per_victim_and_budget():
     suite = parse_suite(textwrap.dedent(SUITE))
-    by_victim = {c.victim.name: c.attacks for c in suite.cells}
+    by_victim = {c.victim.name: c.attacks for c in suite.case_cells()}  # the cases' cells, not their controls
     assert names_of(by_victim["test_tiny"]) == ["dlg", "inverting_gradients", "gradinversion", "geng"]
     assert names_of(by_victim["fc"]) == ["dlg", "inverting_gradients", "gradinversion", "geng", "analytic_fc"]
     spec = by_victim["fc"][1]
