@@ -83,14 +83,14 @@ class Limits:
             raise ValueError(f"--max-leak-rate is a share in [0, 1], got {self.max_leak_rate}")
         if self.max_rero is not None and not 0 <= self.max_rero <= 1:
             raise ValueError(f"--max-rero is a success probability in [0, 1], got {self.max_rero}")
+        if not 0 < self.control_share <= 1:
+            raise ValueError(f"--control-share is a share in (0, 1], got {self.control_share}: the positive control "
+                             "must leak on some images for a pass to mean anything")
 
     @property
     def attack_limits(self) -> bool:
         """Whether any limit is checked against the attacks' results."""
         return any(v is not None for v in (self.max_psnr_db, self.max_leak_rate, self.max_ssim, self.min_lpips))
-        if not 0 < self.control_share <= 1:
-            raise ValueError(f"--control-share is a share in (0, 1], got {self.control_share}: the positive control "
-                             "must leak on some images for a pass to mean anything")
 
     def describe(self) -> list[str]:
         out = []

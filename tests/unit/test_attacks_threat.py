@@ -82,9 +82,9 @@ bn_prior = "shared"
 def test_runner_stores_a_threat_model_error_row(tmp_path):
     suite = parse_suite(textwrap.dedent(SUITE))
     summary = run_suite(suite, out_dir=tmp_path, device="cpu")
-    assert summary.statuses == {"error": 1}
+    assert summary.statuses == {"error": 3}  # the batch-2 cell and its positive control's two batch-1 cells
     with Store(store_path(tmp_path), readonly=True) as store:
-        rows = store.results(suite.hash)
+        rows = [r for r in store.results(suite.hash) if r["batch_size"] == 2]
     assert len(rows) == 2
     assert all(r["status"] == "error" and r["error"].startswith("threat model: ") for r in rows)
     assert "bn_stats" in rows[0]["error"]
