@@ -10,7 +10,7 @@ OUT ?= results/quick
 # Add a suite here when it becomes a reference; `make leaderboards` reruns only what its store lacks.
 REFERENCE_SUITES ?= suites/quick.toml
 
-.PHONY: run test test-all check bench clean-results leaderboards
+.PHONY: run test test-all check bench bench-peers clean-results leaderboards
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -o addopts="" tests/perf --benchmark-only -q
+
+# The peer benchmark (tests/peers): leakbench against the reference implementation, same inputs, interleaved.
+# Writes results/peers/breaching.json; LEAKBENCH_PEERS_ITERATIONS / LEAKBENCH_PEERS_IMAGES set the budget.
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[peers]"
+	rm -f results/peers/breaching.json
+	$(BIN)/python -m pytest -o addopts="" -m peers tests/peers -q -s -p no:cacheprovider
 
 # Runs each reference suite into results/<suite> (resuming from its store), then copies its
 # leaderboard (CSV, Markdown, HTML) into reports/leaderboards/<suite>/ to be committed.

@@ -87,7 +87,7 @@ def _schedule(*, iterations: int, lr: float, inner_steps: int, history_size: int
                          line_search=line_search)
 
 
-@ATTACKS.register("dlg", version="1")
+@ATTACKS.register("dlg", version="2")
 def dlg(
     *,
     iterations: int = 300,
@@ -104,7 +104,7 @@ def dlg(
     return DLG(name="dlg", joint_labels=True, schedule=schedule, restarts=restarts, init=init)
 
 
-@ATTACKS.register("idlg", version="1")
+@ATTACKS.register("idlg", version="2")
 def idlg(
     *,
     iterations: int = 300,

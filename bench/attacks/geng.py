@@ -125,7 +125,7 @@ class Geng(Attack):
         )
 
 
-@ATTACKS.register("geng", version="1")
+@ATTACKS.register("geng", version="2")
 def geng(
     *,
     iterations: int = 600,

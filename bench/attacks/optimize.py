@@ -183,7 +183,43 @@ def functional_grad(attacker: nn.Module, observation: Observation) -> tuple[dict
         out = torch.func.functional_call(attacker, (p, buffers), (x,))
         return F.cross_entropy(out, y)
 
-    return params, torch.func.grad(loss)
+    transformed = torch.func.grad(loss)
+
+    def grad(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if any(_wrapped(t) for t in (x, y, *p.values())):
+            return transformed(p, x, y)  # inside vmap or torch.func.grad
+        # plain autograd (a pack of one): the same numbers without the transforms' fixed cost
+        # parameters that depend on the candidate (FedAvg's unrolled local steps) stay in the graph
+        leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in p.items()}
+        differentiable = x.requires_grad or y.requires_grad or any(v.requires_grad for v in p.values())
+        with torch.enable_grad():
+            value = loss(leaves, x, y)
+            grads = torch.autograd.grad(value, list(leaves.values()), create_graph=differentiable)
+        return dict(zip(leaves, grads))
+
+    return params, grad
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def autograd_grad_and_value(objective: Callable) -> Callable:
+    """``torch.func.grad_and_value(objective, has_aux=True)`` by plain autograd, for a call outside any transform.
+
+    The objective's first argument (a state) is differentiated; the rest are passed as
+    they are. Used where nothing is vectorized (one restart of one reconstruction): the
+    functional transforms' fixed cost per call made such a step about 1.4x slower on a CPU.
+    """
+
+    def fn(state: State, *rest):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in state.items()}
+        with torch.enable_grad():
+            value, aux = objective(leaves, *rest)
+            grads = torch.autograd.grad(value, list(leaves.values()))
+        return dict(zip(leaves, grads)), (value.detach(), tree_map(lambda t: t.detach(), aux))
+
+    return fn
 
 
 def gradient_fn(attacker: nn.Module, observation: Observation) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
@@ -287,8 +323,9 @@ def run_packed(
         inputs = {k: v.detach() for k, v in inputs.items()}
         if any(v.shape[0] != groups for v in inputs.values()):
             raise ValueError(f"every per-reconstruction input must have {groups} rows first")
-    step = acceleration().wrap(_mapped(torch.func.grad_and_value(objective, has_aux=True), groups, restarts, inputs,
-                                       consensus))
+    plain = groups == 1 and restarts == 1 and acceleration().compile == "off"
+    value_and_grad = autograd_grad_and_value(objective) if plain else torch.func.grad_and_value(objective, has_aux=True)
+    step = acceleration().wrap(_mapped(value_and_grad, groups, restarts, inputs, consensus))
     evaluate = _mapped(objective, groups, restarts, inputs, consensus)
     scale = torch.ones(groups, device=device) if lr_scale is None else lr_scale.to(device=device, dtype=torch.float32)
     lr_rows = (schedule.lr * scale).repeat_interleave(restarts)
@@ -578,20 +615,25 @@ def _lbfgs_batched(
 ) -> RestartResult:
     """L-BFGS without line search, all restarts in one batched evaluation per update.
 
-    The update is ``torch.optim.LBFGS``'s without line search (first step scaled by
-    min(1, 1/||g||_1), then the fixed ``lr``; curvature pairs with y.s <= 1e-10 skipped),
-    applied per restart with its own memory. Differences from calling that optimizer once
-    per restart, all deliberate: a skipped curvature pair still takes a memory slot (with
-    weight 0) so that the restarts' memories stay aligned; a restart whose direction stops
-    descending, whose gradient vanishes, or whose objective turns non-finite stops where it
-    is (torch's optimizer would stall or carry the NaN on); and each restart returns its
-    best iterate by its own objective, since L-BFGS without line search is not monotone.
+    Each restart follows ``torch.optim.LBFGS(lr=lr, line_search_fn=None)`` called
+    ``iterations`` times with ``max_iter = inner_steps``, with its own memory: the first
+    update scaled by min(1, 1/||g||_1); a curvature pair with y.s <= 1e-10 skipped without
+    taking a memory slot; a call that ends early for lack of progress (max |t d| or the
+    change of the objective below ``tolerance_change``) gives up the rest of its updates,
+    the next call going on from there. Differences, all deliberate and without effect on a
+    finite run's path: the restarts advance one update each per batched evaluation; a
+    restart whose direction stops descending or whose gradient vanishes stops for good
+    (torch's optimizer would then spend every later call on that same point); one whose
+    objective turns non-finite stops where it is (torch's would carry the NaN on); each
+    returns its best iterate by its own objective (the fixed step is not monotone).
     """
     keys = list(init)
     restarts = init[keys[0]].shape[0]
     shapes = {k: tuple(init[k].shape[1:]) for k in keys}
     sizes = [math.prod(shapes[k]) for k in keys]
-    step = over_restarts(torch.func.grad_and_value(objective, has_aux=True), restarts=restarts)
+    value_and_grad = (autograd_grad_and_value(objective) if restarts == 1
+                      else torch.func.grad_and_value(objective, has_aux=True))
+    step = over_restarts(value_and_grad, restarts=restarts)
 
     def unflatten(flat: torch.Tensor) -> State:
         parts = torch.split(flat, sizes, dim=1)
@@ -609,13 +651,13 @@ def _lbfgs_batched(
     finite = torch.isfinite(loss) & torch.isfinite(g).all(1)
     best_x, best_loss = x.clone(), torch.where(finite, loss, torch.full_like(loss, math.inf))
     active = finite & (g.abs().amax(1) > schedule.tolerance_grad)
-    y_hist: list[torch.Tensor] = []
-    s_hist: list[torch.Tensor] = []
-    rho_hist: list[torch.Tensor] = []
-    h_diag = torch.ones(restarts, dtype=x.dtype, device=x.device)
+    memory = _Memory(restarts, x.shape[1], schedule.history_size, x.dtype, x.device)
     d = -g
     t = schedule.lr * torch.clamp(1.0 / g.abs().sum(1).clamp_min(1e-30), max=1.0)
     prev_g = g
+    # torch's budget: ``iterations`` calls of ``step``, each up to ``inner_steps`` updates
+    calls_left = torch.full((restarts,), schedule.iterations, device=x.device)
+    inner = torch.zeros(restarts, dtype=torch.long, device=x.device)
     total = schedule.updates
     stride = max(1, total // max(1, trace_points))
     report_every = max(1, total // 100)
@@ -626,32 +668,31 @@ def _lbfgs_batched(
             raise AttackTimeout(f"time budget ran out after {it} of {total} L-BFGS updates")
         if it > 0:
             y, s = g - prev_g, d * t[:, None]
-            ys = (y * s).sum(1)
-            accepted = ys > 1e-10
-            rho = torch.where(accepted, 1.0 / torch.where(accepted, ys, torch.ones_like(ys)), torch.zeros_like(ys))
-            y_hist.append(y)
-            s_hist.append(s)
-            rho_hist.append(rho)
-            if len(y_hist) > schedule.history_size:
-                y_hist.pop(0), s_hist.pop(0), rho_hist.pop(0)
-            yy = (y * y).sum(1)
-            h_diag = torch.where(accepted, ys / torch.where(accepted, yy, torch.ones_like(yy)), h_diag)
-            d = _two_loop(-g, y_hist, s_hist, rho_hist, h_diag)
+            memory.add(y, s, active)
+            d = memory.direction(-g)
             t = torch.full_like(t, schedule.lr)
         prev_g = g
         active = active & ((g * d).sum(1) <= -schedule.tolerance_change)
         if not bool(active.any()):
             break
         step_size = torch.where(active, t, torch.zeros_like(t))
-        x_new = x + step_size[:, None] * d
+        move = step_size[:, None] * d
+        x_new = x + move
         loss_new, matching_new, g_new = evaluate(x_new)
         ok = torch.isfinite(loss_new) & torch.isfinite(g_new).all(1)
         moved = active & ok
+        change = (loss_new.double() - loss.double()).abs()
         x = torch.where(moved[:, None], x_new, x)
         g = torch.where(moved[:, None], g_new, g)
         loss = torch.where(moved, loss_new, loss)
         matching = torch.where(moved, matching_new, matching)
-        active = moved & (g.abs().amax(1) > schedule.tolerance_grad)
+        # the call ends after inner_steps updates, or earlier for lack of progress
+        inner = inner + moved.long()
+        stalled = (move.abs().amax(1) <= schedule.tolerance_change) | (change < schedule.tolerance_change)
+        ended = moved & ((inner >= schedule.inner_steps) | stalled)
+        calls_left = calls_left - ended.long()
+        inner = torch.where(ended, torch.zeros_like(inner), inner)
+        active = moved & (g.abs().amax(1) > schedule.tolerance_grad) & (calls_left > 0)
         better = moved & (loss < best_loss)
         best_x = torch.where(better[:, None], x, best_x)
         best_loss = torch.where(better, loss, best_loss)
@@ -661,7 +702,7 @@ def _lbfgs_batched(
         if progress is not None and (it % report_every == 0 or it == total - 1):
             progress(it + 1, total)
     if progress is not None and done < total:
-        progress(total, total)  # converged early: the remaining updates would not move
+        progress(total, total)  # converged or stalled early: the remaining updates would not move
     with torch.no_grad():
         final = unflatten(best_x)
         _, matching = over_restarts(objective, restarts=restarts)(final)
@@ -675,19 +716,46 @@ def _lbfgs_batched(
     )
 
 
-def _two_loop(q: torch.Tensor, ys: list[torch.Tensor], ss: list[torch.Tensor], rhos: list[torch.Tensor],
-              h_diag: torch.Tensor) -> torch.Tensor:
-    """L-BFGS two-loop recursion, per restart (rows); a pair with rho = 0 contributes nothing."""
-    alphas = []
-    for y, s, rho in zip(reversed(ys), reversed(ss), reversed(rhos)):
-        a = rho * (s * q).sum(1)
-        q = q - a[:, None] * y
-        alphas.append(a)
-    r = q * h_diag[:, None]
-    for (y, s, rho), a in zip(zip(ys, ss, rhos), reversed(alphas)):
-        b = rho * (y * r).sum(1)
-        r = r + s * (a - b)[:, None]
-    return r
+class _Memory:
+    """Each restart's last ``size`` accepted curvature pairs (oldest first), as torch's LBFGS keeps them.
+
+    A row of ``y``, ``s`` and ``rho`` per restart and slot; a restart's pairs are
+    right-aligned, and its empty slots have rho = 0 and contribute nothing.
+    """
+
+    def __init__(self, restarts: int, n: int, size: int, dtype: torch.dtype, device: torch.device):
+        self.y = torch.zeros(restarts, size, n, dtype=dtype, device=device)
+        self.s = torch.zeros_like(self.y)
+        self.rho = torch.zeros(restarts, size, dtype=dtype, device=device)
+        self.h_diag = torch.ones(restarts, dtype=dtype, device=device)
+        self.used = 0  # slots that may hold a pair for some restart (host-side bound, no sync)
+
+    def add(self, y: torch.Tensor, s: torch.Tensor, live: torch.Tensor) -> None:
+        ys = (y * s).sum(1)
+        accepted = live & (ys > 1e-10)
+        safe_ys = torch.where(accepted, ys, torch.ones_like(ys))
+        yy = (y * y).sum(1)
+        self.h_diag = torch.where(accepted, ys / torch.where(accepted, yy, torch.ones_like(yy)), self.h_diag)
+        keep = accepted[:, None, None]
+        self.y = torch.where(keep, torch.cat([self.y[:, 1:], y[:, None]], 1), self.y)
+        self.s = torch.where(keep, torch.cat([self.s[:, 1:], s[:, None]], 1), self.s)
+        self.rho = torch.where(accepted[:, None], torch.cat([self.rho[:, 1:], (1.0 / safe_ys)[:, None]], 1), self.rho)
+        self.used = min(self.y.shape[1], self.used + 1)
+
+    def direction(self, q: torch.Tensor) -> torch.Tensor:
+        """The two-loop recursion: the inverse-Hessian estimate times ``q``, per restart (rows)."""
+        size = self.y.shape[1]
+        slots = range(size - self.used, size)
+        alphas = {}
+        for j in reversed(slots):
+            a = self.rho[:, j] * (self.s[:, j] * q).sum(1)
+            q = q - a[:, None] * self.y[:, j]
+            alphas[j] = a
+        r = q * self.h_diag[:, None]
+        for j in slots:
+            b = self.rho[:, j] * (self.y[:, j] * r).sum(1)
+            r = r + self.s[:, j] * (alphas[j] - b)[:, None]
+        return r
 
 
 def _lbfgs_strong_wolfe(
@@ -707,7 +775,7 @@ def _lbfgs_strong_wolfe(
     """
     keys = list(init)
     restarts = init[keys[0]].shape[0]
-    value_and_grad = torch.func.grad_and_value(objective, has_aux=True)
+    value_and_grad = autograd_grad_and_value(objective)
     total = schedule.iterations * restarts
     stride = max(1, schedule.iterations // max(1, trace_points))
     finals: list[State] = []

@@ -3,7 +3,7 @@
 Not a test (tests/perf is outside the default test run): DLG's paper budget takes minutes
 per image on a CPU. Usage:
 
-    .venv/bin/python tests/perf/measure_dlg.py [--attack dlg] [--iterations 300] [--images 8]
+    .venv/bin/python tests/perf/measure_dlg.py [--attack dlg] [--iterations 300] [--images 8] [--line-search none]
 
 Prints one line per image (PSNR, label, seconds) and the summary; the cells, seeds and
 victim weights are the quick suite's, exactly as `leakbench run suites/quick.toml` builds them.
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--victim", default="lenet")
     parser.add_argument("--iterations", type=int, default=None, help="override the attack's iterations")
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--line-search", choices=("strong_wolfe", "none"), default=None,
+                        help="override the L-BFGS line search (dlg, idlg, geng)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
@@ -45,6 +47,8 @@ def main() -> None:
     suite = load_suite(QUICK)
     cells = [c for c in suite.cells if c.victim.name == args.victim][: args.images]
     params = {} if args.iterations is None else {"iterations": args.iterations}
+    if args.line_search is not None:
+        params["line_search"] = args.line_search
     attack = ATTACKS.build(args.attack, **params)
     rows = []
     for cell in cells:

@@ -1,0 +1,169 @@
+"""Leakbench's `inverting_gradients` against the reference implementation (breaching's `invertinggradients`).
+
+Both sides get the same victim weights, the same observed gradient (leakbench's FedSGD
+observation of one embedded photo), the same labels, normalization, initialization and
+budget (iterations, lr, signed Adam, step decay, one restart); each keeps its own TV prior
+at its own weight (the reference's default, leakbench's standard battery's). Both run in this process, interleaved image by image (the
+order alternating), so the ratios are taken under the same load.
+
+The reference is the PyPI release breaching 0.1.2, used through its public entry points:
+``breaching.get_attack_config`` and ``breaching.attacks.prepare_attack``, then
+``attacker.reconstruct(server_payload, shared_data, initial_data=...)`` handed the
+user's gradient as ``shared_data``. Adaptation for current torch, here only: its logging
+goes through ``logging`` (quieted) and its config loader prints a line per attack,
+which is swallowed; nothing of it is copied or patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import statistics
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from leakbench.attacks import ATTACKS
+from leakbench.attacks.battery import STANDARD_V1
+from leakbench.attacks.optimize import initial_images
+from leakbench.core import ThreatModel, generator
+from leakbench.data import DATASETS
+from leakbench.defenses import DEFENSES
+from leakbench.fl import PROTOCOLS
+from leakbench.metrics import psnr_db
+from leakbench.victims import build_victim
+
+VICTIMS = {"lenet": {}, "convnet": {"width": 16}}
+
+
+@dataclass
+class Case:
+    victim: str
+    side: int
+    images: int
+    iterations: int
+    lr: float = 0.1
+    seed: int = 0
+    observations: list = field(default_factory=list)
+    batches: list = field(default_factory=list)
+    model: torch.nn.Module | None = None
+
+
+def build_case(victim: str, *, side: int = 32, images: int = 8, iterations: int = 200, seed: int = 0) -> Case:
+    """The victim (untrained, seeded) and one FedSGD observation per embedded photo, batch 1."""
+    case = Case(victim=victim, side=side, images=images, iterations=iterations, seed=seed)
+    dataset = DATASETS.build("photos", side=side)
+    case.model = build_victim(victim, VICTIMS[victim], num_classes=dataset.num_classes, in_channels=dataset.channels,
+                              side=side, seed=seed)
+    protocol = PROTOCOLS.build("fedsgd", batch_size=1)
+    stride = max(1, len(dataset) // images)
+    for i in range(images):
+        batch = dataset.batch([i * stride])  # one crop of each photo
+        obs, _ = protocol.client_update(case.model, batch, defense=DEFENSES.build("none"), threat=ThreatModel(),
+                                        generator=generator(seed, "client", i))
+        case.observations.append(obs)
+        case.batches.append(batch)
+    return case
+
+
+def start_generator(case: Case, i: int) -> torch.Generator:
+    return generator(case.seed, "attack", i)
+
+
+def initial_candidate(case: Case, i: int) -> torch.Tensor:
+    """The starting images leakbench draws for image i (one restart), inside the pixel box."""
+    obs = case.observations[i]
+    x0 = initial_images(obs, restarts=1, init="randn", generator=start_generator(case, i), device=torch.device("cpu"))
+    lo, hi = obs.normalization.box(x0[0])
+    return torch.max(torch.min(x0[0], hi), lo)
+
+
+class Reference:
+    """breaching's `invertinggradients` at its defaults, with the case's budget and lr."""
+
+    def __init__(self, case: Case):
+        import breaching  # noqa: F401  (the optional extra `peers`)
+
+        logging.getLogger("breaching").setLevel(logging.WARNING)
+        overrides = [f"optim.max_iterations={case.iterations}", f"optim.step_size={case.lr}",
+                     "restarts.num_trials=1", "init=randn", f"optim.callback={case.iterations + 1}"]
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hydra's version_base notice
+            self.cfg = breaching.get_attack_config("invertinggradients", overrides=overrides)
+        self.attacker = breaching.attacks.prepare_attack(case.model, torch.nn.CrossEntropyLoss(), self.cfg,
+                                                         dict(dtype=torch.float, device=torch.device("cpu")))
+        self.case = case
+
+    def reconstruct(self, i: int) -> torch.Tensor:
+        case, obs = self.case, self.case.observations[i]
+        norm = obs.normalization
+        metadata = types.SimpleNamespace(shape=tuple(obs.input_shape), mean=tuple(norm.mean), std=tuple(norm.std),
+                                         modality="vision")
+        buffers = None if obs.bn_mode == "train" else [b.detach().clone() for b in case.model.buffers()]
+        payload = [dict(parameters=[p.detach().clone() for p in case.model.parameters()], buffers=buffers,
+                        metadata=metadata)]
+        shared = [dict(gradients=[g.detach().clone() for g in obs.update], buffers=None,
+                       metadata=dict(num_data_points=obs.batch_size, labels=case.batches[i].labels.clone(),
+                                     local_hyperparams=None))]
+        with contextlib.redirect_stdout(io.StringIO()):
+            data, _ = self.attacker.reconstruct(payload, shared, server_secrets={},
+                                                initial_data=initial_candidate(case, i))
+        return norm.denormalize(data["data"]).clamp(0, 1)
+
+
+def leakbench_attack(case: Case):
+    """inverting_gradients with the TV weight the standard battery runs it with."""
+    tv_weight = dict(next(e for e in STANDARD_V1 if e.attack == "inverting_gradients").params)["tv_weight"]
+    return ATTACKS.build("inverting_gradients", iterations=case.iterations, restarts=1, lr=case.lr, init="randn",
+                         signed=True, tv_weight=tv_weight)
+
+
+def run_comparison(case: Case) -> dict:
+    """Both attacks on every image, interleaved; then leakbench's pack of all images. Times are wall seconds."""
+    reference = Reference(case)
+    ours = leakbench_attack(case)
+    rows = []
+    for i in range(case.images):
+        obs, batch = case.observations[i], case.batches[i]
+        timed = {}
+        for side in (("reference", "leakbench") if i % 2 == 0 else ("leakbench", "reference")):
+            t0 = time.perf_counter()
+            if side == "reference":
+                images = reference.reconstruct(i)
+            else:
+                images = ours.reconstruct(obs, case.model, labels=batch.labels,
+                                          generator=start_generator(case, i)).images
+            timed[side] = (time.perf_counter() - t0, float(psnr_db(images, batch.images)[0]))
+        rows.append({"image": batch.image_ids[0],
+                     "psnr_reference_db": timed["reference"][1], "psnr_leakbench_db": timed["leakbench"][1],
+                     "s_per_iteration_reference": timed["reference"][0] / case.iterations,
+                     "s_per_iteration_leakbench": timed["leakbench"][0] / case.iterations})
+    t0 = time.perf_counter()
+    packed = ours.reconstruct_many(case.observations, case.model, labels=[b.labels for b in case.batches],
+                                   generators=[start_generator(case, i) for i in range(case.images)])
+    packed_s = time.perf_counter() - t0
+    packed_psnr = [float(psnr_db(r.images, b.images)[0]) for r, b in zip(packed, case.batches)]
+    ref_loop_s = sum(r["s_per_iteration_reference"] for r in rows) * case.iterations
+    ratios = [r["s_per_iteration_reference"] / r["s_per_iteration_leakbench"] for r in rows]
+    mean_ref = statistics.fmean(r["psnr_reference_db"] for r in rows)
+    mean_ours = statistics.fmean(r["psnr_leakbench_db"] for r in rows)
+    return {
+        "victim": case.victim, "victim_params": VICTIMS[case.victim], "side": case.side, "batch_size": 1,
+        "images": case.images, "iterations": case.iterations, "lr": case.lr,
+        "tv_reference": float(reference.cfg.regularization.total_variation.scale), "tv_leakbench": ours.tv_weight,
+        "rows": rows,
+        "mean_psnr_reference_db": mean_ref, "mean_psnr_leakbench_db": mean_ours,
+        "psnr_difference_db": mean_ours - mean_ref,
+        "one_reconstruction_speed_ratio_median": statistics.median(ratios),
+        "one_reconstruction_speed_ratios": ratios,
+        "packed_seconds": packed_s, "reference_loop_seconds": ref_loop_s,
+        "packed_speed_ratio": ref_loop_s / packed_s,
+        "mean_psnr_leakbench_packed_db": statistics.fmean(packed_psnr),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+    }
