@@ -1011,7 +1011,19 @@ def control_rate_text(row: dict[str, Any]) -> str:
     if _missing(row["control_leak_rate"]):
         return "n/a" if not row["control_images"] else "n/a (metric missing)"
     own = " own" if row["control"].startswith("the row itself") else ""
-    return f"{_pct(row['control_leak_rate'])} ({row['control_leaked_images']}/{row['control_images']}){own}"
+    text = f"{_pct(row['control_leak_rate'])} ({row['control_leaked_images']}/{row['control_images']}){own}"
+    return text + (" ❔ inconclusive" if control_unbroken(row) else "")
+
+
+#: the share of a control's images that must leak for a row's "no leak" to be evidence (certify's default)
+CONTROL_SHARE = 0.5
+
+
+def control_unbroken(row: dict[str, Any]) -> bool:
+    """A row that leaks nothing while its control leaks on less than ``CONTROL_SHARE`` of its images:
+    its "no leak" says only that the attacks did not work (certify calls it inconclusive)."""
+    rate = row["control_leak_rate"]
+    return not _missing(rate) and rate < CONTROL_SHARE and not row["leaked_images"]
 
 
 def _signed(value: Any, digits: int) -> str:

@@ -616,3 +616,18 @@ def test_a_store_of_schema_3_gains_cases_controls_and_baselines(tmp_path) -> Non
                                                                                           ("label_only", 1)]
     row = leaderboard(load_results(path)).iloc[0]
     assert row["worst_psnr_db"] == 25.0 and row["floor_psnr_db"] == 30.0 and row["control_leak_rate"] == 1.0
+
+
+def test_a_quiet_row_whose_control_does_not_leak_is_marked_inconclusive_on_the_board(tmp_path) -> None:
+    from storebuilder import simple_store
+
+    from leakbench.reports.leaderboard import control_rate_text
+
+    quiet = load_results(simple_store(tmp_path / "a", {"lenet|noise": [8.0, 9.0]}, control_psnr=10.0))
+    unbroken = leaderboard(quiet)
+    broken = leaderboard(load_results(simple_store(tmp_path / "b", {"lenet|noise": [8.0, 9.0]}, control_psnr=30.0)))
+    leaking = leaderboard(load_results(simple_store(tmp_path / "c", {"lenet|noise": [25.0, 9.0]}, control_psnr=10.0)))
+    assert control_rate_text(unbroken.iloc[0]) == "0.0% (0/2) ❔ inconclusive"
+    assert control_rate_text(broken.iloc[0]) == "100.0% (2/2)"
+    assert "inconclusive" not in control_rate_text(leaking.iloc[0])  # it leaks: a fail, whatever the control
+    assert "❔ inconclusive" in to_markdown(unbroken, results=quiet)
