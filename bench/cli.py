@@ -372,6 +372,19 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar; log errors only")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the stream of the first
+    call): a caller that swaps stderr (a test's capture, a notebook) never gets a closed stream."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: int, *, quiet: bool = False) -> None:
     """leakbench's own loggers (``leakbench.*``) to stderr: warnings by default, -v info, -vv debug, -q errors.
     The root logger is left alone, so other libraries (PIL, matplotlib, ...) stay at their own levels."""
@@ -379,7 +392,7 @@ def configure_logging(verbose: int, *, quiet: bool = False) -> None:
     level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logger.setLevel(level)
     if not any(getattr(h, "leakbench_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler.leakbench_cli = True
         logger.addHandler(handler)

@@ -194,7 +194,8 @@ def functional_grad(attacker: nn.Module, observation: Observation) -> tuple[dict
         differentiable = x.requires_grad or y.requires_grad or any(v.requires_grad for v in p.values())
         with torch.enable_grad():
             value = loss(leaves, x, y)
-            grads = torch.autograd.grad(value, list(leaves.values()), create_graph=differentiable)
+            grads = torch.autograd.grad(value, list(leaves.values()), create_graph=differentiable,
+                                        allow_unused=True, materialize_grads=True)  # zeros, as torch.func
         return dict(zip(leaves, grads))
 
     return params, grad
@@ -216,7 +217,8 @@ def autograd_grad_and_value(objective: Callable) -> Callable:
         leaves = {k: v.detach().requires_grad_(True) for k, v in state.items()}
         with torch.enable_grad():
             value, aux = objective(leaves, *rest)
-            grads = torch.autograd.grad(value, list(leaves.values()))
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True,
+                                        materialize_grads=True)  # unused leaves get zeros, as torch.func's
         return dict(zip(leaves, grads)), (value.detach(), tree_map(lambda t: t.detach(), aux))
 
     return fn
