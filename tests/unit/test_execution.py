@@ -106,7 +106,8 @@ def test_out_of_memory_splits_the_pack_and_says_so(tiny_suite_file, tmp_path, mo
 
 
 class KillAWorker(SilentProgress):
-    """Kills one busy worker process (SIGKILL) when the first result arrives: mid-pack."""
+    """Kills the worker processes (SIGKILL) when the first result arrives: the worker that sent it
+    may already be idle, the other is mid-pack, so at least one pack is lost and retried."""
 
     def __init__(self):
         self.killed = None
@@ -115,8 +116,9 @@ class KillAWorker(SilentProgress):
         if self.killed is None:
             workers = [p for p in multiprocessing.active_children() if p.name.startswith("leakbench-worker")]
             if workers:
-                self.killed = workers[0].pid
-                os.kill(self.killed, signal.SIGKILL)
+                self.killed = [w.pid for w in workers]
+                for pid in self.killed:
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_process_workers_match_local_and_survive_a_killed_worker(tiny_suite_file, tmp_path):
