@@ -162,14 +162,14 @@ def run_suite(
                     continue  # already written by an earlier attempt of the same pack
                 cell = cells[event.cell_key]
                 last = remaining[event.cell_key] == 1
+                baseline = _is_baseline(event.attack["name"])  # a floor: stored as such, kept out of the flag
                 store.put_results(
                     suite_hash=suite.hash, cell_key=event.cell_key, attack_key=event.attack_key, run_id=run_id,
                     attack=event.attack, rows=event.rows, truth_pngs=cell.truth_pngs,
                     reconstruction_pngs=event.reconstruction_pngs, created_utc=utc_now(),
                     execution={**event.execution, "executor": runner.name},
-                    baseline=_is_baseline(event.attack["name"]),
-                    cell_fields=None if not last else _flagged_fields(
-                        store, suite, cell, [] if _is_baseline(event.attack["name"]) else event.rows),
+                    baseline=baseline,
+                    cell_fields=None if not last else _flagged_fields(store, suite, cell, [] if baseline else event.rows),
                 )
                 _kill_point("results")
                 written.add((event.cell_key, event.attack_key))

@@ -134,11 +134,11 @@ _RERO_COLUMNS = ("rero_kappa", "rero_kappa_upper", "rero_gamma_observed", "rero_
 
 
 #: the controls' cell columns (schema 4), with what a read-only, unmigrated older store reads instead
-_CONTROL_COLUMNS = (
-    ("c.case_indices_json", "'[' || c.case_index || ']' AS case_indices_json"),
-    ("c.control", "0 AS control"),
-    ("c.control_json", "'{}' AS control_json"),
-)
+CONTROL_COLUMNS: dict[str, str] = {
+    "case_indices_json": "'[' || c.case_index || ']'",
+    "control": "0",
+    "control_json": "'{}'",
+}
 
 
 class StoreError(RuntimeError):
@@ -452,8 +452,8 @@ class Store:
             "SELECT r.*, c.case_index, c.dataset, c.victim, c.victim_label, c.victim_json, c.defense, c.defense_label,"
             " c.defense_json, c.defense_info_json, c.protocol, c.protocol_json, c.batch_size, c.bn_mode, c.batch_index,"
             " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json, "
-            + ", ".join(c if c.split(" AS ")[-1].split(".")[-1] in cell_columns else default
-                        for c, default in _CONTROL_COLUMNS) + rero +
+            + ", ".join(f"c.{name}" if name in cell_columns else f"{default} AS {name}"
+                        for name, default in CONTROL_COLUMNS.items()) + rero +
             " FROM results r JOIN cells c ON c.suite_hash = r.suite_hash AND c.cell_key = r.cell_key"
             " WHERE r.suite_hash = ? ORDER BY c.case_index, c.victim_label, c.defense_label, c.batch_index, c.trial,"
             " r.attack, r.image_slot",

@@ -42,6 +42,7 @@ import pandas as pd
 
 from leakbench.store import Store
 from leakbench.reports.leaderboard import (
+    CONTROL_SHARE,
     ControlFigures,
     ORACLE_VALUES,
     THREAT_MODEL_DEFAULTS,
@@ -57,7 +58,7 @@ from leakbench.reports.leaderboard import (
 
 TRUTH_ATTACK_KEY = ""
 DEFAULT_EVIDENCE_IMAGES = 3
-DEFAULT_CONTROL_SHARE = 0.5
+DEFAULT_CONTROL_SHARE = CONTROL_SHARE  # the leaderboard marks rows against the same share
 VERDICTS = ("pass", "fail", "inconclusive")
 
 

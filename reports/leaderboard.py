@@ -27,7 +27,7 @@ import pandas as pd
 # The shared vocabulary (torch-free), re-exported here for the reports.
 from leakbench.core.vocabulary import FAILED_STATUSES, PSNR_CAP_DB, STATUSES, THRESHOLD_METRICS, Threshold
 from leakbench.reports.rero import RERO_BOARD_COLUMNS, RERO_FLAG, RERO_NOTE, has_rero, rero_row, rero_text
-from leakbench.store import STORE_FILENAME, Store, StoreError
+from leakbench.store import CONTROL_COLUMNS, STORE_FILENAME, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _result_columns(store: Store) -> list[str]:
     results = [r[1] for r in store.conn.execute("PRAGMA table_info(results)")]
     cells = [r[1] for r in store.conn.execute("PRAGMA table_info(cells)") if r[1] not in ("suite_hash", "cell_key")]
     # an unmigrated older store (read-only) reads defaults for the controls' columns (Store.results)
-    cells += [name for name in ("case_indices_json", "control", "control_json") if name not in cells]
+    cells += [name for name in CONTROL_COLUMNS if name not in cells]
     return results + cells
 
 
