@@ -6,9 +6,15 @@ STAMP := $(VENV)/.installed
 SUITE ?= suites/quick.toml
 OUT ?= results/quick
 
-# The reference suites whose leaderboards are committed under reports/leaderboards/<suite>/.
-# Add a suite here when it becomes a reference; `make leaderboards` reruns only what its store lacks.
-REFERENCE_SUITES ?= suites/quick.toml
+# The reference suites whose leaderboards are committed under reports/leaderboards/<suite>/, all at the
+# CPU tier (--budget cpu: battery cpu-v1). Add a suite here when it becomes a reference; `make leaderboards`
+# reruns only what its store (results/<suite>) lacks.
+REFERENCE_SUITES ?= quick architecture defenses
+BUDGET ?= cpu
+# The label study (leakbench.label_study): every label strategy against batch size 1-128 and four label
+# distributions, on untrained and trained (mnist5k, 40 epochs of Adam) LeNet and ConvNet.
+LABEL_STUDY := --dataset mnist5k --side 28 --victims lenet,convnet --batch-sizes 1,2,4,8,16,32,64,128 \
+	--trials 3 --states init,trained --epochs 40 --optimizer adam --lr 0.003 --augment none
 
 .PHONY: run test test-all check bench bench-peers clean-results leaderboards
 
@@ -42,17 +48,26 @@ bench-peers: $(STAMP)
 	rm -f results/peers/breaching.json
 	$(BIN)/python -m pytest -o addopts="" -m peers tests/peers -q -s -p no:cacheprovider
 
-# Runs each reference suite into results/<suite> (resuming from its store), then copies its
-# leaderboard (CSV, Markdown, HTML) into reports/leaderboards/<suite>/ to be committed.
+# Runs each reference suite into results/<suite> (resuming from its store), copies its leaderboard
+# (CSV, Markdown, JSON, HTML) into reports/leaderboards/<suite>/ with a run.json (battery, machine, wall
+# time, load), runs the label study unless its results are there (LABELS=1 reruns it), and writes the
+# front page reports/leaderboards/index.{md,html}.
 leaderboards: $(STAMP)
-	@set -e; for suite in $(REFERENCE_SUITES); do \
-		name=$$(basename $$suite .toml); \
-		$(BIN)/leakbench run $$suite --out results/$$name -q > /dev/null; \
+	@set -e; for name in $(REFERENCE_SUITES); do \
+		echo "$$name: running (budget $(BUDGET); resumes from results/$$name)"; \
+		$(BIN)/leakbench run $$name --budget $(BUDGET) --out results/$$name -q > /dev/null; \
 		mkdir -p reports/leaderboards/$$name; \
-		cp results/$$name/leaderboard.csv results/$$name/leaderboard.md results/$$name/leaderboard.html \
-			reports/leaderboards/$$name/; \
-		echo "reports/leaderboards/$$name: leaderboard.{csv,md,html} from results/$$name"; \
+		for f in leaderboard.csv leaderboard.md leaderboard.json leaderboard.html; do \
+			if [ -f results/$$name/$$f ]; then cp results/$$name/$$f reports/leaderboards/$$name/; fi; \
+		done; \
+		$(BIN)/python -m leakbench.reports.index record $$name --results results/$$name \
+			--out reports/leaderboards/$$name --load "$$(cut -d' ' -f1-3 /proc/loadavg)"; \
 	done
+	@if [ "$(LABELS)" = "1" ] || [ ! -f reports/leaderboards/labels/labels.json ]; then \
+		echo "labels: running the label study"; \
+		$(BIN)/python -m leakbench.label_study $(LABEL_STUDY) --out-dir reports/leaderboards/labels > /dev/null; \
+	fi
+	$(BIN)/python -m leakbench.reports.index build reports/leaderboards
 
 clean-results:
 	rm -rf results

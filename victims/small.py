@@ -20,23 +20,32 @@ def lenet(
     padding_mode: str = "zeros",
     norm: str = "none",
     init_range: float = 0.5,
+    width: int = 12,
+    depth: int = 3,
 ) -> nn.Module:
     """The LeNet of the DLG paper: three 5x5 convs of 12 channels (strides 2, 2, 1), sigmoid, one linear layer.
 
     Conv and linear weights and biases start uniform in (-init_range, init_range), as in
     DLG's code; a norm (none in DLG) is inserted after each conv only when asked for, so
-    the default keeps DLG's module layout and parameter names.
+    the default keeps DLG's module layout and parameter names. ``width`` (channels of
+    every conv) and ``depth`` (convs: two of stride 2, then ``depth - 2`` of stride 1)
+    make the family the architecture study sweeps; the defaults are DLG's network, whose
+    weights they leave unchanged.
     """
     if side % 4:
         raise ValueError(f"lenet needs an image side divisible by 4; got {side}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"lenet width must be a positive number of channels; got {width!r}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+        raise ValueError(f"lenet depth must be an integer >= 2 (two stride-2 convs, then stride-1 ones); got {depth!r}")
     layers: list[nn.Module] = []
     cin = in_channels
-    for stride in (2, 2, 1):
-        layers.append(conv(cin, 12, 5, stride=stride, padding_mode=padding_mode))
-        layers += _optional_norm(norm, 12)
+    for stride in (2, 2) + (1,) * (depth - 2):
+        layers.append(conv(cin, width, 5, stride=stride, padding_mode=padding_mode))
+        layers += _optional_norm(norm, width)
         layers.append(L.activation(activation))
-        cin = 12
-    body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(12 * (side // 4) ** 2, num_classes))
+        cin = width
+    body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * (side // 4) ** 2, num_classes))
     with torch.no_grad():
         for m in body.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):

@@ -118,6 +118,8 @@ def default_prior(dataset_name: str, params: dict[str, Any]) -> dict[str, Any] |
     """The public split of the attacked data set, or None when there is none to take."""
     if dataset_name == "photos":
         return {**params, "split": "public"} if params.get("split", "attack") == "attack" else None
+    if dataset_name == "mnist5k":
+        return {**params, "split": "train"} if params.get("split", "attack") == "attack" else None
     if dataset_name in ("cifar10", "cifar100", "mnist"):
         return {**params, "split": "train"} if params.get("split", "test") == "test" else None
     return None

@@ -1,4 +1,4 @@
-"""suites/architecture.toml runs end to end under the smoke budget (every victim, both training states)."""
+"""suites/resnets.toml (the GPU-sized ResNet study) runs end to end under the smoke budget (every victim, both training states)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from leakbench.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import load_suite, parse_suite
 
-ARCHITECTURE = Path(__file__).resolve().parents[2] / "suites" / "architecture.toml"
+RESNETS = Path(__file__).resolve().parents[2] / "suites" / "resnets.toml"
 
 
-def test_architecture_suite_validates_with_its_sweeps():
-    suite = load_suite(ARCHITECTURE)
+def test_resnets_suite_validates_with_its_sweeps():
+    suite = load_suite(RESNETS)
     names = {c.victim.name for c in suite.cells}
     assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet20"} <= names
     assert {c.victim.kwargs().get("width") for c in suite.cells if c.victim.name == "resnet20"} == {1, 2, 4, 8}
@@ -27,11 +27,11 @@ def test_architecture_suite_validates_with_its_sweeps():
 
 
 @pytest.mark.slow
-def test_architecture_suite_smoke_run_finishes(tmp_path, monkeypatch):
+def test_resnets_suite_smoke_run_finishes(tmp_path, monkeypatch):
     """Smoke budget (4 iterations, 1 epoch), one image and 16 px so that the CPU check takes minutes, not an hour:
     every victim is built, the trained ones trained and tested, every attack stores an ok row."""
     monkeypatch.setenv("LEAKBENCH_CACHE", str(tmp_path / "cache"))
-    text = ARCHITECTURE.read_text().replace("images = 4", "images = 1").replace("side = 32", "side = 16")
+    text = RESNETS.read_text().replace("images = 4", "images = 1").replace("side = 32", "side = 16")
     suite = parse_suite(text, budget="smoke")
     summary = run_suite(suite, out_dir=tmp_path / "out", device="cpu")
     assert summary.statuses == {"ok": len(suite.cells)} == {"ok": 13}
