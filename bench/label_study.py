@@ -80,12 +80,20 @@ DISTRIBUTIONS: dict[str, Callable[[int, int, torch.Generator], list[int] | None]
 }
 
 
-def batch_with_labels(dataset, labels: Sequence[int], *, generator: torch.Generator, flip: bool = True) -> Batch:
-    """A client batch with exactly these labels: images of each class drawn with replacement (flipped at random
-    when ``flip``: photos has 5 images per class; digits are not flipped)."""
+def class_pools(dataset) -> dict[int, list[int]]:
+    """The indices of ``dataset``'s images per class."""
     by_class: dict[int, list[int]] = {}
     for i in range(len(dataset)):
         by_class.setdefault(dataset.get(i)[1], []).append(i)
+    return by_class
+
+
+def batch_with_labels(dataset, labels: Sequence[int], *, generator: torch.Generator, flip: bool = True,
+                      pools: dict[int, list[int]] | None = None) -> Batch:
+    """A client batch with exactly these labels: images of each class drawn with replacement (flipped at random
+    when ``flip``: photos has 5 images per class; digits are not flipped). ``pools``: ``class_pools(dataset)``,
+    computed once by a caller that draws many batches."""
+    by_class = pools if pools is not None else class_pools(dataset)
     images, ids = [], []
     for label in labels:
         pool = by_class.get(int(label))
@@ -169,6 +177,7 @@ def run_study(
     dataset_name = dataset
     dataset = DATASETS.build(dataset_name, side=side)
     flip = FLIP.get(dataset_name, False)
+    pools = class_pools(dataset)
     state = "trained" if trained else "init"
     rows = []
     for victim in victims:
@@ -183,7 +192,8 @@ def run_study(
                     labels = DISTRIBUTIONS[distribution](b, dataset.num_classes, generator(*point, "labels"))
                     if labels is None:
                         break
-                    batch = batch_with_labels(dataset, labels, generator=generator(*point, "images"), flip=flip)
+                    batch = batch_with_labels(dataset, labels, generator=generator(*point, "images"), flip=flip,
+                                              pools=pools)
                     batch = Batch(images=batch.images.to(dev), labels=batch.labels.to(dev), image_ids=batch.image_ids,
                                   normalization=batch.normalization, num_classes=batch.num_classes)
                     protocol = PROTOCOLS.build("fedsgd", batch_size=b, bn_mode=bn_mode)
