@@ -31,7 +31,9 @@ from leakbench.core import Attack, Observation, ParamError, Reconstruction
 class InvertingGradients(PackedAttack):
     name = "inverting_gradients"
 
-    def __init__(self, *, iterations: int, restarts: int, lr: float, tv_weight: float, init: str, signed: bool):
+    def __init__(self, *, iterations: int, restarts: int, lr: float, tv_weight: float, init: str, signed: bool,
+                 distance: str = "cosine"):
+        self.distance = distance  # a key of MATCHING
         self.iterations = iterations
         self.restarts = restarts
         self.lr = lr
@@ -52,7 +54,7 @@ class InvertingGradients(PackedAttack):
         inputs = stack_inputs([{"y": y.to(device), **{f"t{i}": t for i, t in enumerate(target_gradients(o, device))}}
                                for o, y in zip(observations, labels)])
         tv_weight = self.tv_weight
-        distance = MATCHING["cosine"]
+        distance = MATCHING[self.distance]
 
         def objective(state, given):
             x = state["x"]
@@ -101,3 +103,22 @@ def inverting_gradients(
     if tv_weight < 0:
         raise ParamError("tv_weight", f"must be >= 0, got {tv_weight}")
     return InvertingGradients(iterations=iterations, restarts=restarts, lr=lr, tv_weight=tv_weight, init=init, signed=signed)
+
+
+@ATTACKS.register("inverting_gradients_euclidean", version="1")
+def inverting_gradients_euclidean(
+    *,
+    iterations: int = 4800,
+    restarts: int = 1,
+    lr: float = 0.1,
+    tv_weight: float = 1e-4,
+    init: Literal["randn", "rand"] = "randn",
+    signed: bool = True,
+) -> Attack:
+    """The ablation of Geiping et al. 2020 (their section 4): Inverting Gradients' optimizer, schedule and TV prior
+    with DLG's squared Euclidean matching ||g - g*||^2 instead of the cosine, so the two differ in the distance only."""
+    attack = inverting_gradients(iterations=iterations, restarts=restarts, lr=lr, tv_weight=tv_weight, init=init,
+                                 signed=signed)
+    attack.name = "inverting_gradients_euclidean"
+    attack.distance = "euclidean"
+    return attack

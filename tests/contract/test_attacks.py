@@ -15,6 +15,7 @@ TINY_PARAMS = {
     "analytic_fc": {},  # closed form: no iterations to cut
     "label_only": {},  # a baseline: no optimization
     "inverting_gradients": {"iterations": 10, "restarts": 2},
+    "inverting_gradients_euclidean": {"iterations": 10, "restarts": 2},
     "dlg": {"iterations": 2, "inner_steps": 3},
     "idlg": {"iterations": 2, "inner_steps": 3},
     "gradinversion": {"iterations": 6, "restarts": 2, "warmup": 2, "bn_prior": "running"},

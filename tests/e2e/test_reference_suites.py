@@ -63,3 +63,11 @@ def test_reference_suite_smoke_run_stores_ok_rows(name, tmp_path, monkeypatch):
         infos = [json.loads(r[0]) for r in conn.execute("SELECT victim_info_json FROM cells")]
     trained = [i for i in infos if i.get("state") == "trained"]
     assert all(0 <= i["test_accuracy"] <= 1 for i in trained)
+
+
+def test_similarity_compares_the_two_distances_at_one_budget():
+    cells = _cells("similarity")
+    for cell in cells:
+        attacks = {a.name: a.kwargs() for a in cell.attacks}
+        assert set(attacks) == {"inverting_gradients", "inverting_gradients_euclidean"}
+        assert attacks["inverting_gradients"] == attacks["inverting_gradients_euclidean"]

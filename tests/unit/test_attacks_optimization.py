@@ -165,3 +165,18 @@ def test_consensus_couples_restarts():
     pulled = run_restarts(objective, init, schedule=schedule, consensus=restart_mean)
     assert float(apart.matching_losses.max()) == 0.0
     assert float(pulled.matching_losses.max()) < 0.1  # both restarts ended near 2.0
+
+
+def test_euclidean_ablation_of_inverting_gradients_differs_only_in_the_distance():
+    from leakbench.attacks import ATTACKS
+    from leakbench.attacks.optimize import MATCHING
+
+    cos = ATTACKS.build("inverting_gradients", iterations=5)
+    euc = ATTACKS.build("inverting_gradients_euclidean", iterations=5)
+    assert (cos.distance, euc.distance) == ("cosine", "euclidean") and euc.name == "inverting_gradients_euclidean"
+    assert {k: v for k, v in vars(cos).items() if k != "distance"} == {
+        k: v for k, v in vars(euc).items() if k not in ("distance", "name")}
+    assert set(ATTACKS.get("inverting_gradients").defaults()) == set(ATTACKS.get("inverting_gradients_euclidean").defaults())
+    g = (torch.ones(3),)
+    assert float(MATCHING[euc.distance]((2 * torch.ones(3),), g)) == pytest.approx(3.0)  # not scale-free
+    assert float(MATCHING[cos.distance]((2 * torch.ones(3),), g)) == pytest.approx(0.0, abs=1e-6)  # scale-free
