@@ -54,7 +54,7 @@ bench-peers: $(STAMP)
 # front page reports/leaderboards/index.{md,html}.
 leaderboards: $(STAMP)
 	@set -e; for name in $(REFERENCE_SUITES); do \
-		echo "$$name: running (budget $(BUDGET); resumes from results/$$name)"; \
+		echo "$$name: running (budget $(BUDGET); resumes from results/$$name) at $$(date -u +%H:%M:%S)"; \
 		$(BIN)/leakbench run $$name --budget $(BUDGET) --out results/$$name -q > /dev/null; \
 		mkdir -p reports/leaderboards/$$name; \
 		for f in leaderboard.csv leaderboard.md leaderboard.json leaderboard.html; do \
@@ -64,7 +64,7 @@ leaderboards: $(STAMP)
 			--out reports/leaderboards/$$name --load "$$(cut -d' ' -f1-3 /proc/loadavg)"; \
 	done
 	@if [ "$(LABELS)" = "1" ] || [ ! -f reports/leaderboards/labels/labels.json ]; then \
-		echo "labels: running the label study"; \
+		echo "labels: running the label study at $$(date -u +%H:%M:%S)"; \
 		$(BIN)/python -m leakbench.label_study $(LABEL_STUDY) --out-dir reports/leaderboards/labels > /dev/null; \
 	fi
 	$(BIN)/python -m leakbench.reports.index build reports/leaderboards
