@@ -1131,7 +1131,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     brackets, oracle settings get a marker on the row and in the header, and consistency
     warnings (mixed batteries, versions, threat models) come right under the header.
     """
-    attacks = [c for c in board.columns if c.startswith("psnr_db[")]
+    groups = attack_groups(results)  # one column per attack name, whatever budgets it ran at
+    by_name = attacks_by_name(results)
     oracle = bool(board["oracle_labels"].any()) if len(board) else False
     shared_bn = bool(board["shared_bn_stats"].any()) if len(board) else False
     show = optional_columns(board)
@@ -1157,7 +1158,7 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     titles += ["FL accuracy (undefended)"] * show["accuracy"]
     titles += ["defense info"] * show["defense_notes"] + ["victim state (test acc.)"] * show["victim"]
     titles += ["cells (failed)", "rows (failed)"] + ["sanity flags"] * show["flags"] + ["battery"] * show["battery"]
-    titles += [f"PSNR (dB) {c[len('psnr_db['):-1]}" for c in attacks]
+    titles += [f"PSNR (dB) {group.name}" for group in groups]
     lines += [_md_row(titles), "|" + "|".join(["---"] * 3 + ["---:"] * (len(titles) - 3)) + "|"]
     notes: dict[str, str] = {}
     for row in board.to_dict("records"):
@@ -1198,7 +1199,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
             cells.append(row["flags"] or "none")
         if show["battery"]:
             cells.append(row["battery"])
-        cells += [_num(row[c], 2) for c in attacks]
+        mine = by_name.get((row["victim"], row["defense"], row["protocol"]), {})
+        cells += [_attack_text(mine.get(group.name), group) for group in groups]
         lines.append(_md_row(cells))
     lines.append("")
     lines.append(
@@ -1210,6 +1212,10 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         f"as not leaked. PSNR is capped at {PSNR_CAP_DB:g} dB for identical images."
     )
     lines.append(CONTROL_NOTE)
+    if groups:
+        lines.append("Attack columns: each attack's own worst case over its budgets and trials (mean over images; "
+                     "in parentheses the budget, when an attack ran at several). Budgets: "
+                     + _md(shorten_paths(" · ".join(group.describe() for group in groups))) + ".")
     if show["floor"]:
         lines.append(FLOOR_NOTE)
     if show["accuracy"]:
@@ -1253,6 +1259,14 @@ def provenance_text(results: ResultSet) -> str:
     return (f"{count} from {runs['started_utc'].min()} to {ended.max()} (UTC); "
             f"commit {distinct(runs['git_commit'])}; device {distinct(runs['device'])}; "
             f"leakbench {distinct(v.get('leakbench') for v in versions)}, torch {distinct(v.get('torch') for v in versions)}")
+
+
+def _attack_text(cell: AttackCell | None, group: AttackGroup) -> str:
+    """An attack name's Markdown cell: its worst case, and the budget(s) that ran when the name has several."""
+    if cell is None:
+        return "not run"
+    budgets = "; ".join(text for text in (group.differing[label] for label in cell.labels) if text)
+    return _num(cell.worst_psnr_db, 2) + (f" ({budgets})" if budgets else "")
 
 
 def _with_ci(row: dict[str, Any], column: str, digits: int = 2, *, percent: bool = False) -> str:
@@ -1355,7 +1369,7 @@ def _pct(value: Any) -> str:
 
 def _md(text: Any) -> str:
     """Text that cannot break a table cell or inject HTML into a rendered Markdown page."""
-    text = str(text).replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = shorten_paths(str(text)).replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
