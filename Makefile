@@ -43,15 +43,15 @@ bench-peers: $(STAMP)
 	$(BIN)/python -m pytest -o addopts="" -m peers tests/peers -q -s -p no:cacheprovider
 
 # Runs each reference suite into results/<suite> (resuming from its store), then copies its
-# leaderboard (CSV, Markdown, HTML) into reports/leaderboards/<suite>/ to be committed.
+# leaderboard (CSV, Markdown, JSON, HTML) into reports/leaderboards/<suite>/ to be committed.
 leaderboards: $(STAMP)
 	@set -e; for suite in $(REFERENCE_SUITES); do \
 		name=$$(basename $$suite .toml); \
 		$(BIN)/leakbench run $$suite --out results/$$name -q > /dev/null; \
 		mkdir -p reports/leaderboards/$$name; \
-		cp results/$$name/leaderboard.csv results/$$name/leaderboard.md results/$$name/leaderboard.html \
-			reports/leaderboards/$$name/; \
-		echo "reports/leaderboards/$$name: leaderboard.{csv,md,html} from results/$$name"; \
+		cp results/$$name/leaderboard.csv results/$$name/leaderboard.md results/$$name/leaderboard.json \
+			results/$$name/leaderboard.html reports/leaderboards/$$name/; \
+		echo "reports/leaderboards/$$name: leaderboard.{csv,md,json,html} from results/$$name"; \
 	done
 
 clean-results:
