@@ -198,11 +198,8 @@ def render_report(
         grids = _grids(results, images, store=store, max_images=max_images_per_group)
     lpips_notes = [n for n in dict.fromkeys(board["lpips_note"]) if n] if len(board) else []
     runs = [_run_view(run) for run in results.runs.to_dict("records")]
-    state = completeness(results)
     return environment().get_template("report.html").render(
         **_common(results, board),
-        complete=state.complete,
-        problems=state.problems,
         grids=grids,
         runs=runs,
         provenance=_provenance_summary(runs, wrote=set(results.rows["run_id"]) if len(results.rows) else set()),
@@ -268,6 +265,7 @@ def _common(results: ResultSet, board: pd.DataFrame) -> dict[str, Any]:
         "warnings": consistency_warnings(results),
         "show": optional_columns(board),
         "board": rows,
+        "problems": completeness(results).problems,  # why the store is incomplete; () when it is not
         "attacks": groups,  # one column per attack name, its budgets in the tooltip
         "any_oracle_labels": bool(board["oracle_labels"].any()) if len(board) else False,
         "any_shared_bn": bool(board["shared_bn_stats"].any()) if len(board) else False,

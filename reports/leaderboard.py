@@ -1147,7 +1147,10 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     warnings = consistency_warnings(results)
     for warning in warnings:
         lines.append(f"> {WARNING_SIGN} **Warning:** this leaderboard {_md(warning)}")
-    if warnings:
+    problems = completeness(results).problems
+    for problem in problems:
+        lines.append(f"> {WARNING_SIGN} **Incomplete store:** {_md(problem)}")
+    if warnings or problems:
         lines.append("")
     titles = ["victim", "defense", "protocol", "batch", "images", "worst PSNR (dB)", "worst SSIM", "worst LPIPS",
               "worst label acc.", "avg PSNR (dB)", "avg SSIM", "avg LPIPS", "avg label acc.",

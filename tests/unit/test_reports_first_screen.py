@@ -187,10 +187,16 @@ def test_an_incomplete_store_gets_a_banner_on_the_first_screen(tmp_path: Path) -
     assert "has not ended" in problems[0] and "1 started cell(s) hold no result yet" in problems[1]
     assert "1 attack run(s) failed (1 rows; timeout: 1)" in problems[2]
     assert all(record["complete"] is False for record in json_records(leaderboard(results), results=results))
-    html = write_reports(b.path, tmp_path / "partial-reports", plots=False).report_html.read_text()
+    paths = write_reports(b.path, tmp_path / "partial-reports", plots=False)
+    html = paths.report_html.read_text()
     banner = html.split('id="incomplete"')[1].split("</div>")[0]
     assert "Incomplete store" in banner and "hold no result yet" in banner and "timeout: 1" in banner
     assert html.index('id="incomplete"') < html.index('<table class="sortable worst-case">')
+    assert 'id="incomplete"' in paths.leaderboard_html.read_text()
+    markdown = paths.markdown.read_text().splitlines()
+    assert sum(line.startswith("> ⚠ **Incomplete store:**") for line in markdown) == 3
+    assert markdown.index(next(line for line in markdown if "Incomplete store" in line)) < \
+        markdown.index(next(line for line in markdown if line.startswith("| victim")))
 
     finished = simple_store(tmp_path / "done", {"lenet|none": [25.0]})
     assert completeness(load_results(finished)).complete
