@@ -233,3 +233,16 @@ def test_distribution_plot_draws_the_leak_threshold(tmp_path: Path) -> None:
     ssim = worst_case_distribution_plot(images, threshold=Threshold("ssim", 0.5))
     assert ssim.drawn and "not PSNR" in ssim.note and red_pixels(ssim.src) < 20
     assert not math.isnan(images["worst_psnr_db"].max())
+
+
+def test_a_protocol_shared_by_every_row_is_said_once_above_the_table(tmp_path: Path) -> None:
+    shared = write_reports(simple_store(tmp_path / "one", {"lenet|none": [25.0], "fc|none": [30.0]}),
+                           tmp_path / "one-reports", plots=False).report_html.read_text()
+    first = shared.split('<table class="sortable worst-case">')[1].split("</table>")[0]
+    assert "<caption>every row: protocol" in first and "fedsgd(batch_size=1)" in first.split("</caption>")[0]
+    assert "federated-learning protocol" not in first.split("</thead>")[0]
+    assert first.split("<tbody>")[1].count('<td class="label">') == 2  # the defense cells only
+    several = write_reports(recorded_store(tmp_path / "two"), tmp_path / "two-reports", plots=False)
+    first = several.report_html.read_text().split('<table class="sortable worst-case">')[1].split("</table>")[0]
+    assert "<caption>" not in first and "federated-learning protocol" in first.split("</thead>")[0]
+    assert "client=#1" in first and "client=#2" in first
