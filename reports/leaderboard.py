@@ -230,8 +230,9 @@ def _protocol_label(name: str, identity_json: str) -> str:
 # An absolute path (POSIX, or a Windows drive): at the start or after a space, "=", "(", "[", a quote, ",",
 # ":" or ";", so ratios ("2/4"), "n/a", closing tags, URLs and base64 stay as they are.
 _ABSOLUTE_PATH = re.compile(r"(?<![^\s=(\[\"',:;])(?:/|[A-Za-z]:\\)(?:[^\s/\\'\"<>()\[\],;=|]+[/\\]?)+")
-# A UUID (with or without dashes) or a long hex identifier given as a parameter value: ``client=c711...``.
-_HEX_ID_PARAM = re.compile(r"\b(\w+)=([0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+# A UUID (with or without dashes) or a long hex identifier given as a parameter value: ``client=c711...``;
+# it has a letter, so a long number (a seed) stays a number.
+_HEX_ID_PARAM = re.compile(r"\b(\w+)=(?=[-0-9]*[a-fA-F])([0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
                            r"|[0-9a-fA-F]{16,})\b")
 
 

@@ -129,6 +129,9 @@ def test_readable_labels_never_merge_two_labels_and_leave_other_text_alone() -> 
     # both would read ckpt(path=…/model.pt): numbered in the sorted order of the full labels
     assert short[labels[0]] == "ckpt(path=…/model.pt) #1" and short[labels[1]] == "ckpt(path=…/model.pt) #2"
     assert len(set(short.values())) == 3
+    seeded = "lenet(seed=12345678901234567890)"  # a long number is not an identifier
+    hexed = "x(id=0123456789abcdef0123)"
+    assert readable_labels([seeded, hexed]) == {seeded: seeded, hexed: "x(id=#1)"}
     for text in ("n/a", "2/4 images", "<script>alert(1)</script>", "see https://example.org/a/b", "(3/4) own"):
         assert shorten_paths(text) == text
     assert shorten_paths("leakbench run /home/me/suites/x.toml --out=/tmp/out/quick") == \
