@@ -14,9 +14,11 @@ from leakbench.reports.leaderboard import (
     Threshold,
     bootstrap_mean_interval,
     consistency_warnings,
+    json_records,
     leaderboard,
     load_results,
     per_image_worst,
+    to_json,
     to_markdown,
 )
 
@@ -28,11 +30,13 @@ __all__ = [
     "Threshold",
     "bootstrap_mean_interval",
     "consistency_warnings",
+    "json_records",
     "leaderboard",
     "load_results",
     "per_image_worst",
     "render_leaderboard_html",
     "render_report",
+    "to_json",
     "to_markdown",
     "write_reports",
 ]

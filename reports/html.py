@@ -24,8 +24,14 @@ from leakbench.store import Store
 from leakbench.reports.leaderboard import (
     BOOTSTRAP_RESAMPLES,
     CONFIDENCE_LEVEL,
+    CONTROL_SHARE,
     GROUP_COLUMNS,
+    attack_groups,
+    attacks_by_name,
+    completeness,
     control_unbroken,
+    shorten_paths,
+    to_json,
     ORACLE_VALUES,
     PSNR_CAP_DB,
     THREAT_MODEL_DEFAULTS,
@@ -56,9 +62,10 @@ class ReportPaths:
     markdown: Path
     leaderboard_html: Path
     report_html: Path
+    json: Path
 
     def __iter__(self) -> Iterator[Path]:
-        return iter((self.csv, self.markdown, self.leaderboard_html, self.report_html))
+        return iter((self.csv, self.markdown, self.json, self.leaderboard_html, self.report_html))
 
 
 # --------------------------------------------------------------------------- view model
@@ -119,14 +126,25 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        finalize=_no_machine_paths,
     )
     env.filters["num"] = _format_number
     env.filters["pct"] = _format_percent
     env.filters["sortkey"] = _sort_key
     env.filters["rero_text"] = rero_text  # the DP rows' ReRo ceiling beside the measured rate (reports/rero.py)
     env.globals["rero_note"] = RERO_NOTE
+    env.globals["control_share"] = CONTROL_SHARE  # a positive control passes when it leaks on this share of images
     env.tests["missing"] = _missing
     return env
+
+
+def _no_machine_paths(value: Any) -> Any:
+    """Every text a page prints, with the machine's absolute paths cut to their last component (a report is
+    attached to tickets and CI runs; the store keeps the full text). Markup (the filters' own HTML) and
+    inline images pass as they are."""
+    if isinstance(value, str) and not isinstance(value, Markup) and not value.startswith("data:"):
+        return shorten_paths(value)
+    return value
 
 
 def _missing(value: Any) -> bool:
@@ -139,7 +157,7 @@ def _format_number(value: Any, digits: int = 2, *, note: str | None = None) -> M
     """Decimals for a number; a visible, explained ``n/a`` (never 0) for a missing one."""
     if _missing(value):
         if note:
-            return Markup('<span class="na" title="{}">n/a</span>').format(note)
+            return Markup('<span class="na" title="{}">n/a</span>').format(shorten_paths(str(note)))
         return Markup('<span class="na">n/a</span>')
     return f"{value:.{digits}f}"
 
@@ -234,7 +252,11 @@ def _provenance_summary(runs: list[dict[str, Any]], *, wrote: set[Any]) -> dict[
 
 
 def _common(results: ResultSet, board: pd.DataFrame) -> dict[str, Any]:
-    attacks = [(c, c[len("psnr_db["):-1]) for c in board.columns if c.startswith("psnr_db[")]
+    groups = attack_groups(results)
+    by_name = attacks_by_name(results)
+    rows = [{**row, "control_unbroken": control_unbroken(row),
+             "by_name": _attack_cells(by_name.get((row["victim"], row["defense"], row["protocol"]), {}), groups)}
+            for row in board.to_dict("records")]
     return {
         "suite_name": results.suite_name,
         "suite_hash": results.suite_hash,
@@ -242,12 +264,29 @@ def _common(results: ResultSet, board: pd.DataFrame) -> dict[str, Any]:
         "batteries": results.batteries,
         "warnings": consistency_warnings(results),
         "show": optional_columns(board),
-        "board": [{**row, "control_unbroken": control_unbroken(row)} for row in board.to_dict("records")],
-        "attacks": attacks,
+        "board": rows,
+        "problems": completeness(results).problems,  # why the store is incomplete; () when it is not
+        "attacks": groups,  # one column per attack name, its budgets in the tooltip
         "any_oracle_labels": bool(board["oracle_labels"].any()) if len(board) else False,
         "any_shared_bn": bool(board["shared_bn_stats"].any()) if len(board) else False,
         "psnr_cap_db": PSNR_CAP_DB,
     }
+
+
+def _attack_cells(cells: dict[str, Any], groups: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per attack name on a row: its worst case, the budgets that ran (the tooltip) and, when the name ran at
+    several budgets in the suite, what tells this row's apart (shown under the value)."""
+    out = {}
+    for group in groups:
+        cell = cells.get(group.name)
+        if cell is None:
+            continue
+        out[group.name] = {
+            "worst_psnr_db": cell.worst_psnr_db,
+            "title": "; ".join(f"{group.name}({group.variants[label]})" for label in cell.labels),
+            "budget": "; ".join(text for text in (group.differing[label] for label in cell.labels) if text),
+        }
+    return out
 
 
 def _run_view(run: dict[str, Any]) -> dict[str, Any]:
@@ -343,10 +382,12 @@ def write_reports(
     store_path: str | Path, out_dir: str | Path, *, suite_hash: str | None = None,
     max_images_per_group: int | None = None, plots: bool = True,
 ) -> ReportPaths:
-    """Write leaderboard.csv, leaderboard.md, leaderboard.html and report.html into ``out_dir``.
+    """Write leaderboard.csv, leaderboard.md, leaderboard.json, leaderboard.html and report.html into ``out_dir``.
 
-    All four come from one leaderboard computation, so they always agree. The CSV keeps
-    full precision (numbers as numbers) for scripts; the others are for people.
+    All five come from one leaderboard computation, so they always agree. The CSV keeps
+    full precision (numbers as numbers) for scripts, the JSON one object per row with its
+    context (suite, battery, threshold, control verdict; leaderboard.json_records); the
+    others are for people.
     """
     results = load_results(store_path, suite_hash=suite_hash)
     board = leaderboard(results)
@@ -357,9 +398,11 @@ def write_reports(
         markdown=out / "leaderboard.md",
         leaderboard_html=out / "leaderboard.html",
         report_html=out / "report.html",
+        json=out / "leaderboard.json",
     )
     board.to_csv(paths.csv, index=False)
     paths.markdown.write_text(to_markdown(board, results=results), encoding="utf-8")
+    paths.json.write_text(to_json(board, results=results), encoding="utf-8")
     paths.leaderboard_html.write_text(render_leaderboard_html(results, board=board), encoding="utf-8")
     paths.report_html.write_text(
         render_report(results, board=board, max_images_per_group=max_images_per_group, plots=plots), encoding="utf-8")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tomllib
 from collections import Counter
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ class ResultSet:
     # Every row, those of cells added only as positive controls too (``rows`` leaves them out:
     # they are evidence for other rows, not rows of the leaderboard). None: same as ``rows``.
     all_rows: pd.DataFrame | None = None
+    # Cells a run started (their update was computed) that hold no result row yet: a run in progress or cut short.
+    cells_without_results: int = 0
 
     @property
     def every_row(self) -> pd.DataFrame:
@@ -148,6 +151,7 @@ def load_results(store_path: str | Path, *, suite_hash: str | None = None) -> Re
                 "Pass one of those, or leave the suite hash out to report the latest run."
             )
         rows = pd.DataFrame([dict(r) for r in store.results(suite_hash)], columns=_result_columns(store))
+        cells_without_results = _cells_without_results(store, suite_hash)
     runs_frame = pd.DataFrame(runs)
     latest = runs[-1]
     thresholds = {(r["leak_metric"], float(r["leak_value"])) for r in runs}
@@ -160,7 +164,15 @@ def load_results(store_path: str | Path, *, suite_hash: str | None = None) -> Re
     every = _prepare(rows)
     return ResultSet(rows=every[~_control_only(every)].reset_index(drop=True), runs=runs_frame,
                      suite_name=str(latest["suite_name"]), suite_hash=suite_hash, threshold=threshold, store_path=path,
-                     all_rows=every)
+                     all_rows=every, cells_without_results=cells_without_results)
+
+
+def _cells_without_results(store: Store, suite_hash: str) -> int:
+    """Cells of the suite that a run wrote (when it started them) but that no result row belongs to yet."""
+    return int(store.conn.execute(
+        "SELECT COUNT(*) FROM cells c WHERE c.suite_hash = ? AND NOT EXISTS "
+        "(SELECT 1 FROM results r WHERE r.suite_hash = c.suite_hash AND r.cell_key = c.cell_key)",
+        (suite_hash,)).fetchone()[0])
 
 
 def _control_only(rows: pd.DataFrame) -> pd.Series:
@@ -191,6 +203,8 @@ def _prepare(rows: pd.DataFrame) -> pd.DataFrame:
     for column in _FLOAT_COLUMNS:
         rows[column] = pd.to_numeric(rows[column], errors="coerce").astype(float)
     rows["protocol_label"] = [_protocol_label(name, text) for name, text in zip(rows["protocol"], rows["protocol_json"])]
+    for column in GROUP_COLUMNS:  # no machine paths or client UUIDs in what a reader sees (and groups by)
+        rows[column] = rows[column].map(readable_labels(rows[column].astype(str)))
     rows["attack_label"] = rows["attack_key"].map(_attack_labels(rows))
     return rows
 
@@ -199,12 +213,64 @@ def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
+# Parameters that pin provenance (a recording's content hash), not a setting a reader compares: left out of labels.
+_PROVENANCE_PARAMS = ("sha256",)
+
+
 def _protocol_label(name: str, identity_json: str) -> str:
     try:
         params = json.loads(identity_json).get("params", {})
     except (TypeError, ValueError, AttributeError):
         params = {}
+    if isinstance(params, dict):
+        params = {k: v for k, v in params.items() if k not in _PROVENANCE_PARAMS}
     return f"{name}({_params_text(params)})" if params else str(name)
+
+
+# An absolute path (POSIX, or a Windows drive): at the start or after a space, "=", "(", "[", a quote, ",",
+# ":" or ";", so ratios ("2/4"), "n/a", closing tags, URLs and base64 stay as they are.
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s=(\[\"',:;])(?:/|[A-Za-z]:\\)(?:[^\s/\\'\"<>()\[\],;=|]+[/\\]?)+")
+# A UUID (with or without dashes) or a long hex identifier given as a parameter value: ``client=c711...``;
+# it has a letter, so a long number (a seed) stays a number.
+_HEX_ID_PARAM = re.compile(r"\b(\w+)=(?=[-0-9]*[a-fA-F])([0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+                           r"|[0-9a-fA-F]{16,})\b")
+
+
+def shorten_paths(text: str) -> str:
+    """``text`` with every absolute path of the machine replaced by ``…/`` and its last component."""
+    def last(match: re.Match[str]) -> str:
+        parts = [p for p in re.split(r"[/\\]", match.group(0)) if p and not p.endswith(":")]
+        return "…/" + parts[-1] if parts else "…/"
+    return _ABSOLUTE_PATH.sub(last, text)
+
+
+def readable_labels(labels: Any) -> dict[str, str]:
+    """A short, stable, unique label for each distinct label: machine paths cut to their last component and
+    UUID-like identifiers (a Flower client's id) numbered per parameter (``client=#1``, in sorted order).
+
+    Two labels that would read the same get ``#k`` (k in the sorted order of the full labels), so
+    shortening never merges two rows.
+    """
+    distinct = list(dict.fromkeys(str(label) for label in labels))
+    ids: dict[str, set[str]] = {}
+    for label in distinct:
+        for key, value in _HEX_ID_PARAM.findall(label):
+            ids.setdefault(key, set()).add(value.lower())
+    numbers = {key: {value: i + 1 for i, value in enumerate(sorted(values))} for key, values in ids.items()}
+
+    def short(label: str) -> str:
+        text = _HEX_ID_PARAM.sub(lambda m: f"{m.group(1)}=#{numbers[m.group(1)][m.group(2).lower()]}", label)
+        return shorten_paths(text)
+
+    shortened = {label: short(label) for label in distinct}
+    by_short: dict[str, list[str]] = {}
+    for label, text in shortened.items():
+        by_short.setdefault(text, []).append(label)
+    for text, fulls in by_short.items():
+        if len(fulls) > 1:
+            for index, label in enumerate(sorted(fulls)):
+                shortened[label] = f"{text} #{index + 1}"
+    return shortened
 
 
 def _attack_labels(rows: pd.DataFrame) -> dict[str, str]:
@@ -476,13 +542,14 @@ BOARD_COLUMNS = (
     *_with_interval("leak_rate"), "leaked_images", "leak_threshold",
     "floor_psnr_db", "gain_over_floor_db",
     "control_leak_rate", "control_leaked_images", "control_images", "control_worst_psnr_db", "control",
+    "control_verdict",
     *DEFENSE_NUMBER_COLUMNS, *RERO_BOARD_COLUMNS, "defense_notes", "victim_state", "victim_test_accuracy", "victim_notes",
     "rows", "failed_rows", "failed_cells", "flagged_rows", "flagged_cells", "flags",
     "battery", "oracle_labels", "shared_bn_stats", "lpips_note",
 )
 _INT_COLUMNS = ("batch_size", "images", "cells", "leaked_images", "rows", "failed_rows", "failed_cells",
                 "flagged_rows", "flagged_cells", "control_leaked_images", "control_images")
-_TEXT_COLUMNS = ("victim", "defense", "protocol", "leak_threshold", "control", "rero_note", "defense_notes", "victim_state",
+_TEXT_COLUMNS = ("victim", "defense", "protocol", "leak_threshold", "control", "control_verdict", "rero_note", "defense_notes", "victim_state",
                  "victim_notes", "flags", "battery", "lpips_note")
 _BOOL_COLUMNS = ("oracle_labels", "shared_bn_stats", "rero_exceeded")
 
@@ -540,6 +607,7 @@ def leaderboard(results: ResultSet) -> pd.DataFrame:
             control_worst_psnr_db=math.nan if control is None else control.worst_psnr_db,
             control="" if control is None else control.describe(),
         )
+        record["control_verdict"] = control_verdict(record)
         defense = _defense_info(cells["defense_info_json"])
         extra_defense_keys.update(dict.fromkeys(k for k in defense if k not in DEFENSE_NUMBER_COLUMNS
                                                 and k != "defense_notes"))
@@ -815,6 +883,215 @@ def consistency_warnings(results: ResultSet) -> list[str]:
     return warnings
 
 
+# --------------------------------------------------------------------------- attacks by name
+
+
+@dataclass(frozen=True)
+class AttackGroup:
+    """One attack name's column: every variant of that name (budget, label strategy) the suite ran.
+
+    ``variants`` maps each attack label of the name (its ``psnr_db[<label>]`` board column) to its
+    parameters and label strategy in words; ``differing`` to only what tells it apart from the
+    name's other variants ('' when the name has one variant).
+    """
+
+    name: str
+    variants: dict[str, str]
+    differing: dict[str, str]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.variants)
+
+    def describe(self) -> str:
+        """The name's budgets, one per variant: ``dlg(iterations=300, restarts=1, labels=idlg)``."""
+        return "; ".join(f"{self.name}({text})" if text else self.name for text in self.variants.values())
+
+
+@dataclass(frozen=True)
+class AttackCell:
+    """One row's value in an attack name's column: the worst case over the variants that ran on the row."""
+
+    worst_psnr_db: float  # mean over images of each image's best PSNR over every variant and trial of the name
+    labels: tuple[str, ...]  # the variants (attack labels) that ran on the row
+
+
+def attack_groups(results: ResultSet) -> list[AttackGroup]:
+    """One group per attack name, in the order the names first appear: the report's per-attack columns."""
+    rows = results.rows.drop_duplicates("attack_label")
+    by_name: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows.itertuples(index=False):
+        params = parse_json(row.attack_json, {})
+        params = params if isinstance(params, dict) else {}
+        by_name.setdefault(str(row.attack), {})[str(row.attack_label)] = {**params, "labels": row.label_strategy}
+    groups = []
+    for name, entries in by_name.items():
+        keys = list(dict.fromkeys(k for described in entries.values() for k in described))
+        differing = [k for k in keys if len({repr(d.get(k)) for d in entries.values()}) > 1]
+        groups.append(AttackGroup(
+            name=name,
+            variants={label: _params_text(described) for label, described in entries.items()},
+            differing={label: _params_text({k: described.get(k) for k in differing}) if len(entries) > 1 else ""
+                       for label, described in entries.items()},
+        ))
+    return groups
+
+
+def attacks_by_name(results: ResultSet) -> dict[tuple[str, str, str], dict[str, AttackCell]]:
+    """Per leaderboard row (victim, defense, protocol), per attack name that ran on it: its worst case.
+
+    Like the ``psnr_db[<label>]`` columns (ok rows, baselines in their own column), but over every
+    variant of the name, so a suite whose cases run one attack at different budgets has one column
+    per attack, not one per budget.
+    """
+    rows = results.rows
+    keys = [*GROUP_COLUMNS, "attack"]
+    ok = rows[rows["status"] == "ok"]
+    per_image = ok.groupby([*keys, "image_id"], sort=False)["psnr_db"].max()
+    worst = per_image.groupby(level=list(range(len(keys))), sort=False).mean() if len(per_image) else per_image
+    out: dict[tuple[str, str, str], dict[str, AttackCell]] = {}
+    for key, group in rows.groupby(keys, sort=False):
+        value = worst.get(key, math.nan) if len(worst) else math.nan
+        out.setdefault(key[:3], {})[str(key[3])] = AttackCell(
+            worst_psnr_db=math.nan if _missing(value) else float(value),
+            labels=tuple(dict.fromkeys(str(label) for label in group["attack_label"])))
+    return out
+
+
+# --------------------------------------------------------------------------- completeness
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Whether a store holds every result of its suite, as far as the store can tell, and what is missing.
+
+    The store learns of a cell when a run starts it, so cells no run has reached are seen only
+    through the latest run's status (not ``finished``).
+    """
+
+    problems: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+
+def completeness(results: ResultSet) -> Completeness:
+    """What a reader must know before trusting the numbers: a run not finished, started cells without results,
+    failed attack runs."""
+    problems = []
+    runs = results.runs
+    if len(runs):
+        latest = runs.iloc[-1]
+        status = str(latest.get("status", "finished"))
+        if status == "running":
+            problems.append(f"run {latest['run_id']} (started {latest['started_utc']} UTC) has not ended: it is still "
+                            "running, or it was killed. The numbers are partial; run the same command again to resume "
+                            "(finished results are kept)")
+        elif status == "interrupted":
+            problems.append(f"run {latest['run_id']} was interrupted before every (cell, attack) ran: the numbers are "
+                            "partial; run the same command again to resume")
+        elif status != "finished":
+            problems.append(f"run {latest['run_id']} ended with status {status!r}: results may be missing")
+    if results.cells_without_results:
+        problems.append(f"{results.cells_without_results} started cell(s) hold no result yet (pending or running)")
+    every = results.every_row
+    failed = every[every["status"] != "ok"] if len(every) else every
+    if len(failed):
+        counts = failed["status"].value_counts()
+        shown = ", ".join(f"{status}: {int(counts[status])}" for status in FAILED_STATUSES if status in counts)
+        pairs = failed.drop_duplicates(["cell_key", "attack_key"])
+        problems.append(f"{len(pairs)} attack run(s) failed ({len(failed)} rows; {shown}): they count as no leak. "
+                        "`leakbench run SUITE --retry-failed` runs them again")
+    return Completeness(problems=tuple(problems))
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _json_number(value: Any) -> float | int | None:
+    if _missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def json_records(board: pd.DataFrame, *, results: ResultSet) -> list[dict[str, Any]]:
+    """The leaderboard as JSON-able objects, one per row (RobustBench-style: each entry carries its context).
+
+    Every object has the suite (name, hash, battery, threat model, leak threshold), the row's key,
+    its metrics (``metrics``: every worst-case and average column; ``ci95``: their intervals), the
+    leak rate, the positive control with its verdict, the per-attack worst cases by attack name
+    with the budgets that ran, the defense's numbers, counts, flags and oracle settings. Missing
+    numbers are ``null``, never 0.
+    """
+    groups = {group.name: group for group in attack_groups(results)}
+    by_name = attacks_by_name(results)
+    state = completeness(results)
+    threat = {k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in results.suite_threat_model.items()}
+    versions = [parse_json(text, {}) for text in productive_runs(results)["versions_json"]] if len(results.runs) else []
+    leakbench_versions = list(dict.fromkeys(str(v.get("leakbench")) for v in versions
+                                            if isinstance(v, dict) and v.get("leakbench")))
+    records = []
+    for row in board.to_dict("records"):
+        key = (row["victim"], row["defense"], row["protocol"])
+        attacks = {}
+        for name, cell in by_name.get(key, {}).items():
+            group = groups.get(name)
+            attacks[name] = {"worst_psnr_db": _json_number(cell.worst_psnr_db),
+                             "budgets": [shorten_paths(group.variants[label]) if group else label
+                                         for label in cell.labels]}
+        metrics = {name: _json_number(row[name]) for name in (*WORST_COLUMNS, *AVERAGE_COLUMNS)}
+        records.append({
+            "suite": results.suite_name,
+            "suite_hash": results.suite_hash,
+            "battery": row["battery"] or NO_BATTERY,
+            "threat_model": threat,
+            "leak_threshold": {"metric": results.threshold.metric, "value": results.threshold.value,
+                               "text": results.threshold.describe()},
+            "victim": row["victim"],
+            "defense": row["defense"],
+            "protocol": row["protocol"],
+            "batch_size": int(row["batch_size"]),
+            "images": int(row["images"]),
+            "metrics": metrics,
+            "ci95": {name: [_json_number(row[f"{name}_lo"]), _json_number(row[f"{name}_hi"])]
+                     for name in (*WORST_COLUMNS, *AVERAGE_COLUMNS)},
+            "leak_rate": _json_number(row["leak_rate"]),
+            "leak_rate_ci95": [_json_number(row["leak_rate_lo"]), _json_number(row["leak_rate_hi"])],
+            "leaked_images": int(row["leaked_images"]),
+            "control_verdict": row["control_verdict"],
+            "control": {"leak_rate": _json_number(row["control_leak_rate"]),
+                        "leaked_images": int(row["control_leaked_images"]), "images": int(row["control_images"]),
+                        "worst_psnr_db": _json_number(row["control_worst_psnr_db"]),
+                        "description": shorten_paths(row["control"]) or None,
+                        "row_inconclusive": control_unbroken(row)},
+            "attacks": attacks,
+            "floor_psnr_db": _json_number(row["floor_psnr_db"]),
+            "defense_info": {name: _json_number(row[name]) for name in DEFENSE_NUMBER_COLUMNS},
+            "victim_state": row["victim_state"] or None,
+            "victim_test_accuracy": _json_number(row["victim_test_accuracy"]),
+            "counts": {name: int(row[name]) for name in ("cells", "failed_cells", "rows", "failed_rows",
+                                                         "flagged_rows", "flagged_cells")},
+            "flags": shorten_paths(row["flags"]) or None,
+            "oracle_labels": bool(row["oracle_labels"]),
+            "shared_bn_stats": bool(row["shared_bn_stats"]),
+            "lpips_note": shorten_paths(row["lpips_note"]) or None,
+            "complete": state.complete,
+            "leakbench": ", ".join(leakbench_versions) or None,
+        })
+    return records
+
+
+def to_json(board: pd.DataFrame, *, results: ResultSet) -> str:
+    """:func:`json_records` as a JSON array (strict JSON: no NaN), one object per leaderboard row."""
+    return json.dumps(json_records(board, results=results), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 # --------------------------------------------------------------------------- markdown
 
 _MARK_ORACLE_LABELS = "†"
@@ -855,7 +1132,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     brackets, oracle settings get a marker on the row and in the header, and consistency
     warnings (mixed batteries, versions, threat models) come right under the header.
     """
-    attacks = [c for c in board.columns if c.startswith("psnr_db[")]
+    groups = attack_groups(results)  # one column per attack name, whatever budgets it ran at
+    by_name = attacks_by_name(results)
     oracle = bool(board["oracle_labels"].any()) if len(board) else False
     shared_bn = bool(board["shared_bn_stats"].any()) if len(board) else False
     show = optional_columns(board)
@@ -870,7 +1148,10 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     warnings = consistency_warnings(results)
     for warning in warnings:
         lines.append(f"> {WARNING_SIGN} **Warning:** this leaderboard {_md(warning)}")
-    if warnings:
+    problems = completeness(results).problems
+    for problem in problems:
+        lines.append(f"> {WARNING_SIGN} **Incomplete store:** {_md(problem)}")
+    if warnings or problems:
         lines.append("")
     titles = ["victim", "defense", "protocol", "batch", "images", "worst PSNR (dB)", "worst SSIM", "worst LPIPS",
               "worst label acc.", "avg PSNR (dB)", "avg SSIM", "avg LPIPS", "avg label acc.",
@@ -881,7 +1162,7 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
     titles += ["FL accuracy (undefended)"] * show["accuracy"]
     titles += ["defense info"] * show["defense_notes"] + ["victim state (test acc.)"] * show["victim"]
     titles += ["cells (failed)", "rows (failed)"] + ["sanity flags"] * show["flags"] + ["battery"] * show["battery"]
-    titles += [f"PSNR (dB) {c[len('psnr_db['):-1]}" for c in attacks]
+    titles += [f"PSNR (dB) {group.name}" for group in groups]
     lines += [_md_row(titles), "|" + "|".join(["---"] * 3 + ["---:"] * (len(titles) - 3)) + "|"]
     notes: dict[str, str] = {}
     for row in board.to_dict("records"):
@@ -922,7 +1203,8 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
             cells.append(row["flags"] or "none")
         if show["battery"]:
             cells.append(row["battery"])
-        cells += [_num(row[c], 2) for c in attacks]
+        mine = by_name.get((row["victim"], row["defense"], row["protocol"]), {})
+        cells += [_attack_text(mine.get(group.name), group) for group in groups]
         lines.append(_md_row(cells))
     lines.append("")
     lines.append(
@@ -934,6 +1216,10 @@ def to_markdown(board: pd.DataFrame, *, results: ResultSet) -> str:
         f"as not leaked. PSNR is capped at {PSNR_CAP_DB:g} dB for identical images."
     )
     lines.append(CONTROL_NOTE)
+    if groups:
+        lines.append("Attack columns: each attack's own worst case over its budgets and trials (mean over images; "
+                     "in parentheses the budget, when an attack ran at several). Budgets: "
+                     + _md(shorten_paths(" · ".join(group.describe() for group in groups))) + ".")
     if show["floor"]:
         lines.append(FLOOR_NOTE)
     if show["accuracy"]:
@@ -977,6 +1263,14 @@ def provenance_text(results: ResultSet) -> str:
     return (f"{count} from {runs['started_utc'].min()} to {ended.max()} (UTC); "
             f"commit {distinct(runs['git_commit'])}; device {distinct(runs['device'])}; "
             f"leakbench {distinct(v.get('leakbench') for v in versions)}, torch {distinct(v.get('torch') for v in versions)}")
+
+
+def _attack_text(cell: AttackCell | None, group: AttackGroup) -> str:
+    """An attack name's Markdown cell: its worst case, and the budget(s) that ran when the name has several."""
+    if cell is None:
+        return "not run"
+    budgets = "; ".join(text for text in (group.differing[label] for label in cell.labels) if text)
+    return _num(cell.worst_psnr_db, 2) + (f" ({budgets})" if budgets else "")
 
 
 def _with_ci(row: dict[str, Any], column: str, digits: int = 2, *, percent: bool = False) -> str:
@@ -1026,6 +1320,19 @@ def control_unbroken(row: dict[str, Any]) -> bool:
     return not _missing(rate) and rate < CONTROL_SHARE and not row["leaked_images"]
 
 
+CONTROL_VERDICTS = ("pass", "fail", "inconclusive")
+
+
+def control_verdict(row: dict[str, Any]) -> str:
+    """The positive control's verdict: ``pass`` when it leaks on at least ``CONTROL_SHARE`` of its images (the
+    battery breaks the undefended victim, so the row's "no leak" is evidence), ``fail`` when it leaks on fewer,
+    ``inconclusive`` when none is stored or its threshold metric is missing."""
+    rate = row["control_leak_rate"]
+    if _missing(rate):
+        return "inconclusive"
+    return "pass" if rate >= CONTROL_SHARE else "fail"
+
+
 def _signed(value: Any, digits: int) -> str:
     return "n/a" if _missing(value) else f"{value:+.{digits}f}"
 
@@ -1066,7 +1373,7 @@ def _pct(value: Any) -> str:
 
 def _md(text: Any) -> str:
     """Text that cannot break a table cell or inject HTML into a rendered Markdown page."""
-    text = str(text).replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = shorten_paths(str(text)).replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 

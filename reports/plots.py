@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from leakbench.reports.leaderboard import ResultSet, parse_json
+from leakbench.reports.leaderboard import ResultSet, Threshold, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ STRENGTH_AXES = (
 def report_plots(results: ResultSet, board: pd.DataFrame, images: pd.DataFrame) -> list[Plot]:
     """Every plot of the report, in order, drawn or skipped with a note."""
     plots = [*strength_plots(results, images), privacy_utility_plot(board), rero_plot(board),
-             worst_case_distribution_plot(images), convergence_plot(results)]
+             worst_case_distribution_plot(images, threshold=results.threshold), convergence_plot(results)]
     return plots
 
 
@@ -331,11 +331,18 @@ def _percent_formatter():
 # --------------------------------------------------------------------------- distribution
 
 
-def worst_case_distribution_plot(images: pd.DataFrame) -> Plot:
-    """Box plot of each image's worst-case PSNR per defense, with the images as points (one color per victim)."""
+def worst_case_distribution_plot(images: pd.DataFrame, *, threshold: Threshold | None = None) -> Plot:
+    """Box plot of each image's worst-case PSNR per defense, with the images as points (one color per victim),
+    and the suite's leak threshold as a line when it is on PSNR."""
     title = "Distribution of per-image worst case"
     caption = ("Per defense, each image's worst-case PSNR (best reconstruction over every attack and trial); "
                "boxes: quartiles over all victims' images; points: images, colored by victim.")
+    note = None
+    if threshold is not None and threshold.metric == "psnr_db":
+        caption += f" Dashed line: the leak threshold ({threshold.describe()}); an image above it leaks."
+    elif threshold is not None:
+        note = (f"The leak threshold ({threshold.describe()}) is on {threshold.metric}, not PSNR: it has no line "
+                "on this axis.")
     present = images[images["worst_psnr_db"].notna()]
     if present.empty:
         return Plot(key="worst-distribution", title=title, caption=caption,
@@ -357,10 +364,13 @@ def worst_case_distribution_plot(images: pd.DataFrame) -> Plot:
                 ax.scatter(x, values, s=14, color=_color(v_index), alpha=0.8, zorder=3,
                            label=None if labelled else _short(victim))
                 labelled = True
+    if threshold is not None and threshold.metric == "psnr_db":
+        ax.axhline(threshold.value, color="#b00020", linestyle="--", linewidth=1.2, zorder=2,
+                   label=f"leak threshold ({threshold.describe()})")
     ax.legend(fontsize="small")
     ax.set_ylabel("worst-case PSNR (dB)")
     ax.grid(True, axis="y", alpha=0.3)
-    return Plot(key="worst-distribution", title=title, caption=caption, src=_png_uri(figure))
+    return Plot(key="worst-distribution", title=title, caption=caption, src=_png_uri(figure), note=note)
 
 
 # --------------------------------------------------------------------------- convergence
@@ -397,25 +407,36 @@ def convergence_plot(results: ResultSet) -> Plot:
     shown = victims[:MAX_CONVERGENCE_PANELS]
     columns = min(3, len(shown))
     rows_count = math.ceil(len(shown) / columns)
-    figure = _figure(width=3.6 * columns + 0.6, height=2.9 * rows_count + 0.4)
+    entries = len({(d, a) for d, a in zip(traces["defense"], traces["attack"])})
+    legend_columns = max(1, min(entries, columns + 1))  # about 1.8 inches of legend per panel and a half
+    figure = _figure(width=3.6 * columns + 0.6,
+                     height=2.9 * rows_count + 0.4 + 0.2 * math.ceil(entries / legend_columns))
     axes = figure.subplots(rows_count, columns, squeeze=False)
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
+    # One color and one legend entry per (defense, attack), shared by the panels: rows that differ only in
+    # the protocol (e.g. one per recorded client) draw in the same color instead of repeating the entry.
+    legend_labels = list(dict.fromkeys(_short(" · ".join(k for k in (d, a) if k), 40)
+                                       for d, a in zip(traces["defense"], traces["attack"])))
+    colors = {label: _color(index) for index, label in enumerate(legend_labels)}
+    handles: dict[str, Any] = {}
     for ax, victim in zip(axes.flat, shown):
         mine = traces[traces["victim"] == victim]
-        for index, (key, group) in enumerate(mine.groupby(["defense", "protocol", "attack"], sort=False)):
-            color = _color(index)
+        for key, group in mine.groupby(["defense", "protocol", "attack"], sort=False):
+            label = _short(" · ".join(k for k in (key[0], key[2]) if k), 40)
+            color = colors[label]
             for points in group["points"]:
                 ax.plot([p[0] for p in points], [p[1] for p in points], color=color, alpha=0.15, linewidth=0.7)
             iterations, median = _median_curve(list(group["points"]))
-            ax.plot(iterations, median, color=color, linewidth=1.6,
-                    label=_short(" · ".join(k for k in (key[0], key[2]) if k), 40))
+            (line,) = ax.plot(iterations, median, color=color, linewidth=1.6)
+            handles.setdefault(label, line)
         ax.set_yscale("log")
         ax.set_title(_short(victim, 40), fontsize="medium")
         ax.set_xlabel("iteration")
         ax.set_ylabel("matching loss")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="x-small")
+    figure.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize="x-small",
+                  ncols=legend_columns, frameon=False)
     note = None
     if len(victims) > len(shown):
         note = f"{len(victims) - len(shown)} more victim(s) not drawn: {', '.join(victims[len(shown):])}."

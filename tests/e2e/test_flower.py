@@ -43,6 +43,15 @@ def test_example_records_real_clients_and_the_audit_reconstructs(tmp_path):
     assert sorted(c.metrics["partition"] for c in record.clients) == [0, 1]
     for c in record.clients:  # each client moved the weights: a real update
         assert any(not torch.equal(c.parameters[n], record.sent[n]) for n in record.names)
+    # the report's labels name the clients #1 and #2 and the recording by its folder: no client id (only the
+    # suite file, folded at the end, keeps them, as written) and no path of the machine anywhere
+    report = (out / "report.html").read_text()
+    assert "client=#1" in report and "client=#2" in report and "recording=…/recording" in report
+    labelled = report.split('<details id="suite">')[0]
+    for client in [c.client for c in record.clients]:
+        assert client not in labelled and client not in (out / "leaderboard.json").read_text(), client
+    for path in (out.resolve(), tmp_path.resolve()):
+        assert str(path) not in report and str(path) not in (out / "leaderboard.json").read_text(), path
 
     # the harness's ground truth: which photo each client trained on
     specs = {json.loads((out / "logs" / f"client-{i}.json").read_text())["partition"]:

@@ -295,7 +295,8 @@ def test_a_suite_without_results_still_reports(tmp_path: Path) -> None:
 
 def test_csv_round_trips_numbers_as_numbers(store_file: Path, tmp_path: Path) -> None:
     paths = write_reports(store_file, tmp_path / "reports")
-    assert [p.name for p in paths] == ["leaderboard.csv", "leaderboard.md", "leaderboard.html", "report.html"]
+    assert [p.name for p in paths] == ["leaderboard.csv", "leaderboard.md", "leaderboard.json", "leaderboard.html",
+                                       "report.html"]
     board = leaderboard(load_results(store_file))
     back = pd.read_csv(paths.csv)
     assert list(back.columns) == list(board.columns)

@@ -93,7 +93,10 @@ def test_report_shows_plots_and_notes(tmp_path: Path) -> None:
     html = write_reports(sweep_store(tmp_path), tmp_path / "reports").report_html.read_text()
     section = html.split('<h2 id="plots">')[1].split('<h2 id="reconstructions">')[0]
     assert section.count('<figure class="plot"') == 5
-    assert section.count('<p class="skipped"') == 3 and "does not sweep the local steps" in section
+    # the drawn plots first, then the ones not drawn, listed once, each with its reason
+    assert section.count('<ul class="skipped">') == 1 and section.count('<li class="skipped"') == 3
+    assert section.rindex('<figure class="plot"') < section.index('<ul class="skipped">')
+    assert "does not sweep the local steps" in section
     assert "declares a DP guarantee with a ReRo bound" in section  # the ReRo plot: no DP row here
     assert "PSNR vs iteration is not recorded" in section
     fast = write_reports(sweep_store(tmp_path / "b"), tmp_path / "fast", plots=False).report_html.read_text()
