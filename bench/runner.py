@@ -205,7 +205,7 @@ def _executor(name: str, suite: Suite, *, device: torch.device, workers: int | N
         except ImportError as err:
             raise ValueError(f"--executor ray needs Ray: pip install 'leakbench[ray]' ({err})") from None
         return RayExecutor(suite, device=device, max_pack=max_pack, address=ray_address, workers=workers,
-                           acceleration=acceleration)
+                           acceleration=acceleration, progress=progress)
     raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}; got {name!r}")
 
 
