@@ -137,7 +137,9 @@ def run_suite(
         summary = RunSummary(run_id=-1, suite_hash=suite.hash, store=path,
                              attack_runs=suite.work_items(), skipped=suite.work_items() - total)
         # the bar counts reconstruction-iterations: each (cell, attack) run's planned share, the stored ones as done
-        units = {spec.key: planned_iterations(spec) for cell in suite.cells for spec in cell.attacks}
+        units: dict[str, int] = {}
+        for spec in {spec.key: spec for cell in suite.cells for spec in cell.attacks}.values():
+            units[spec.key] = planned_iterations(spec)
         meter = WorkMeter(progress, {(cell.key, a.key): units[a.key] for cell, attacks in todo for a in attacks})
         skipped_units = sum(units[a.key] for cell in suite.cells for a in cell.attacks if (cell.key, a.key) in done)
         runner = _executor(executor, suite, device=dev, workers=workers, max_pack=max_pack, progress=meter,
