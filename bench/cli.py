@@ -22,10 +22,15 @@ log = logging.getLogger("leakbench")
 
 
 class TqdmProgress:
-    """A progress bar over attack runs, with the current attack's iterations in its postfix."""
+    """A progress bar over reconstruction-iterations (``leakbench.execute.planned_iterations``: each
+    (cell, attack) run's restarts x iterations; one unit for attacks without iterations), moved as
+    the attacks iterate, with the current call (a pack's cells included) and its iterations in its
+    postfix. Work already in the store starts the bar as done; the rate and time left are the
+    average since the first iteration (``leakbench.execute.RateEstimate``)."""
 
-    def __init__(self, *, enabled: bool):
+    def __init__(self, *, enabled: bool, file=None):
         self.enabled = enabled
+        self.file = file
         self.bar = None
         self.description = ""
         self.last_refresh = 0.0
@@ -33,10 +38,26 @@ class TqdmProgress:
     def start(self, total: int, *, skipped: int) -> None:
         from tqdm import tqdm
 
+        from leakbench.execute import RateEstimate
+
+        out = self.file or sys.stderr
         if skipped:
-            print(f"{skipped} attack run(s) already in the store; skipping them", file=sys.stderr)
-        self.bar = tqdm(total=total, unit="attack", disable=not self.enabled, dynamic_ncols=True, file=sys.stderr,
-                        mininterval=1.0)
+            print(f"{skipped} of {total + skipped} reconstruction-iterations already in the store; skipping them",
+                  file=out)
+        estimate = RateEstimate()
+
+        class Bar(tqdm):
+            @property
+            def format_dict(self):  # tqdm's rate (and so its time left) replaced by the estimate's
+                d = super().format_dict
+                rate = estimate.rate(d["n"])
+                if rate is not None:
+                    d["rate"] = rate
+                return d
+
+        self.estimate = estimate
+        self.bar = Bar(total=total + skipped, initial=skipped, unit="it", unit_scale=total + skipped >= 10_000,
+                       disable=not self.enabled, dynamic_ncols=True, file=out, mininterval=1.0, smoothing=0)
 
     def task(self, description: str) -> None:
         self.description = description
@@ -50,9 +71,13 @@ class TqdmProgress:
             self.bar.set_postfix_str(f"{self.description} | it {done}/{total}", refresh=False)
             self.bar.refresh()
 
-    def advance(self, status: str) -> None:
+    def update(self, units: int) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(units)
+            self.estimate.record(self.bar.n)
+
+    def advance(self, status: str) -> None:
+        """A (cell, attack) run ended: its share has come through ``update`` already."""
 
     def close(self) -> None:
         if self.bar is not None:

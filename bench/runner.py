@@ -22,7 +22,8 @@ import torch
 
 from leakbench import sanity
 from leakbench.attacks.optimize import Acceleration
-from leakbench.execute import DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, plan_packs
+from leakbench.execute import (DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, WorkMeter, plan_packs,
+                               planned_iterations)
 from leakbench.executors import EXECUTORS, LocalExecutor, ProcessExecutor
 from leakbench.executors.processes import devices_for
 from leakbench.store import Store, StoreError, check_store, run_lock, store_path
@@ -135,7 +136,13 @@ def run_suite(
         total = sum(remaining.values())
         summary = RunSummary(run_id=-1, suite_hash=suite.hash, store=path,
                              attack_runs=suite.work_items(), skipped=suite.work_items() - total)
-        runner = _executor(executor, suite, device=dev, workers=workers, max_pack=max_pack, progress=progress,
+        # the bar counts reconstruction-iterations: each (cell, attack) run's planned share, the stored ones as done
+        units: dict[str, int] = {}
+        for spec in {spec.key: spec for cell in suite.cells for spec in cell.attacks}.values():
+            units[spec.key] = planned_iterations(spec)
+        meter = WorkMeter(progress, {(cell.key, a.key): units[a.key] for cell, attacks in todo for a in attacks})
+        skipped_units = sum(units[a.key] for cell in suite.cells for a in cell.attacks if (cell.key, a.key) in done)
+        runner = _executor(executor, suite, device=dev, workers=workers, max_pack=max_pack, progress=meter,
                            ray_address=ray_address, acceleration=acceleration)
         run_id = store.start_run(
             suite_name=suite.name, suite_hash=suite.hash, suite_text=suite.source_text,
@@ -147,7 +154,7 @@ def run_suite(
         packs = plan_packs(todo, max_cells=max_pack)
         log.info("run %d of suite %s (%s): %d attack runs to do in %d packs, %d already stored; executor %s",
                  run_id, suite.name, suite.hash, total, len(packs), summary.skipped, runner.describe())
-        progress.start(total, skipped=summary.skipped)
+        meter.start(meter.total, skipped=skipped_units)
         status = "interrupted"
         cells: dict[str, CellEvent] = {}
         written: set[tuple[str, str]] = set()
@@ -175,11 +182,11 @@ def run_suite(
                 written.add((event.cell_key, event.attack_key))
                 status_of = event.rows[0].status
                 summary.statuses[status_of] = summary.statuses.get(status_of, 0) + 1
-                progress.advance(status_of)
+                meter.finished((event.cell_key, event.attack_key), status_of)
                 remaining[event.cell_key] -= 1
             status = "finished"
         finally:
-            progress.close()
+            meter.close()
             store.end_run(run_id, status=status, ended_utc=utc_now())
             summary.seconds = time.monotonic() - started
     return summary
@@ -193,14 +200,14 @@ def _executor(name: str, suite: Suite, *, device: torch.device, workers: int | N
         return LocalExecutor(suite, device=device, max_pack=max_pack, progress=progress, acceleration=acceleration)
     if name == "processes":
         return ProcessExecutor(suite, devices=devices_for(workers, device), max_pack=max_pack,
-                               acceleration=acceleration)
+                               acceleration=acceleration, progress=progress)
     if name == "ray":
         try:
             from leakbench.executors.ray import RayExecutor
         except ImportError as err:
             raise ValueError(f"--executor ray needs Ray: pip install 'leakbench[ray]' ({err})") from None
         return RayExecutor(suite, device=device, max_pack=max_pack, address=ray_address, workers=workers,
-                           acceleration=acceleration)
+                           acceleration=acceleration, progress=progress)
     raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}; got {name!r}")
 
 

@@ -5,6 +5,11 @@ device, and stream their events back to the driver as they complete. When a work
 (killed, crashed, out of host memory), the driver notices, starts a new one on the same
 device and hands the pack out again, at most ``max_retries`` times; the rows already
 written from the first attempt stay and are not written twice (the driver skips them).
+
+Progress is live: a worker sends its attack calls' iterations and task descriptions through
+the same queue (at most every ``PROGRESS_S`` per worker, and every call's last report), and
+the driver hands them to the run's Progress (``leakbench.execute.WorkMeter``), so the bar
+moves while packs run, not only when their rows come.
 """
 
 from __future__ import annotations
@@ -12,18 +17,49 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import time
 import traceback
 from dataclasses import replace
 from typing import Iterable, Iterator
 
 import torch
 
-from leakbench.execute import AttackEvent, Event, Pack
+from leakbench.execute import AttackEvent, Event, Pack, Progress, SilentProgress
 from leakbench.suite import Suite
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+PROGRESS_S = 0.5  # a worker sends its progress at most this often (a call's last report always)
+
+
+class _QueueProgress(SilentProgress):
+    """A worker's progress, sent to the driver as ``("progress", worker, pack, attempt, (method, args))``."""
+
+    def __init__(self, results, worker_id: int, index: int, attempt: int):
+        self.results = results
+        self.header = ("progress", worker_id, index, attempt)
+        self.last = 0.0
+
+    def _send(self, method: str, *args) -> None:
+        self.results.put((*self.header, (method, args)))
+
+    def task(self, description: str) -> None:
+        self._send("task", description)
+
+    def iterations(self, done: int, total: int) -> None:
+        self._throttled("iterations", done, total)
+
+    def work(self, runs, done: int, total: int) -> None:
+        self._throttled("work", runs, done, total)
+
+    def _throttled(self, method: str, *args) -> None:
+        done, total = args[-2], args[-1]
+        now = time.monotonic()
+        if done >= total or now - self.last >= PROGRESS_S:
+            if method == "work":  # iterations and work come in pairs: the pair goes, or neither
+                self.last = now
+            self._send(method, *args)
 
 
 class WorkerLost(RuntimeError):
@@ -60,7 +96,7 @@ def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, 
             return
         pack, attempt = item
         try:
-            for event in worker.run_pack(pack):
+            for event in worker.run_pack(pack, _QueueProgress(results, worker_id, pack.index, attempt)):
                 results.put(("event", worker_id, pack.index, attempt, event))
         except BaseException:  # the driver records it; the worker goes on with the next pack
             results.put(("failed", worker_id, pack.index, attempt, traceback.format_exc()))
@@ -71,7 +107,9 @@ def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, 
 class ProcessExecutor:
     name = "processes"
 
-    def __init__(self, suite: Suite, *, devices: list[str], max_pack: int, max_retries: int = 2, acceleration=None):
+    def __init__(self, suite: Suite, *, devices: list[str], max_pack: int, max_retries: int = 2, acceleration=None,
+                 progress: Progress | None = None):
+        self.progress = progress or SilentProgress()
         self.acceleration = acceleration
         self.suite = suite
         self.devices = devices
@@ -129,7 +167,14 @@ class ProcessExecutor:
                 w = workers.get(worker_id)
                 if w is None or w["busy"] != (index, attempt):
                     continue  # a message from a worker already given up on
-                if kind == "event":
+                if kind == "progress":
+                    method, args = payload
+                    if method == "task" and len(self.devices) > 1:
+                        args = (f"worker {worker_id}: {args[0]}",)
+                    report = getattr(self.progress, method, None)
+                    if report is not None:
+                        report(*args)
+                elif kind == "event":
                     if attempt and isinstance(payload, AttackEvent):
                         payload = replace(payload, execution={**payload.execution, "attempt": attempt + 1})
                     yield packs[index], payload

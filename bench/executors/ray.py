@@ -17,6 +17,13 @@ and the caches: ``LEAKBENCH_CACHE``, ``TORCH_HOME`` and ``XDG_CACHE_HOME`` are p
 them when set on the driver. A worker process keeps one ``leakbench.execute.Worker`` (data
 set, server model, LPIPS) between the packs of a run; GPU tasks get a fresh process per
 pack (Ray's default for GPU tasks, so each holds exactly its GPU and frees its memory).
+
+Progress is live: the tasks put their attack calls' iterations and task descriptions on a Ray
+queue (``ray.util.queue.Queue``, an actor that holds no CPU; at most every ``PROGRESS_S`` per
+task, and every call's last report), which the driver drains while it waits for the tasks and
+hands to the run's Progress (``leakbench.execute.WorkMeter``). The rows still come per pack,
+when its task returns; a run whose live reports were lost (a queue that could not be reached)
+is filled to its full share when its rows come, so the bar's total stays right.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 import os
 import platform
 import socket
+import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import replace
@@ -36,7 +44,7 @@ import ray.exceptions
 import torch
 
 from leakbench.attacks.optimize import Acceleration
-from leakbench.execute import AttackEvent, Event, Pack
+from leakbench.execute import AttackEvent, Event, Pack, Progress, SilentProgress
 from leakbench.executors.processes import WorkerLost
 from leakbench.suite import Suite
 
@@ -45,6 +53,8 @@ log = logging.getLogger(__name__)
 WORKER_ENV = ("LEAKBENCH_CACHE", "TORCH_HOME", "XDG_CACHE_HOME")
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_MAX_RETRIES = 2
+POLL_S = 0.5  # how often the driver drains the progress queue while tasks run
+PROGRESS_S = 1.0  # a task sends its progress at most this often (a call's last report always)
 
 _WORKER: dict[str, Any] = {"key": None, "worker": None}  # per Ray worker process: the last Worker built
 
@@ -85,8 +95,44 @@ def versions() -> dict[str, str]:
     return out
 
 
+class _QueueProgress(SilentProgress):
+    """A task's progress, put on the driver's Ray queue as ``(pack, attempt, method, args)``. Progress
+    never costs a pack: a queue that cannot be reached ends the reports, not the work."""
+
+    def __init__(self, queue, index: int, attempt: int):
+        self.queue = queue
+        self.key = (index, attempt)
+        self.last = 0.0
+
+    def _send(self, method: str, *args) -> None:
+        if self.queue is None:
+            return
+        try:
+            self.queue.put_nowait((*self.key, method, args))
+        except Exception as err:  # the driver is gone or the queue died: the rows still come
+            log.debug("progress queue unreachable, no more live progress for this pack: %s", err)
+            self.queue = None
+
+    def task(self, description: str) -> None:
+        self._send("task", description)
+
+    def iterations(self, done: int, total: int) -> None:
+        self._throttled("iterations", done, total)
+
+    def work(self, runs, done: int, total: int) -> None:
+        self._throttled("work", runs, done, total)
+
+    def _throttled(self, method: str, *args) -> None:
+        done, total = args[-2], args[-1]
+        now = time.monotonic()
+        if done >= total or now - self.last >= PROGRESS_S:
+            if method == "work":  # iterations and work come in pairs: the pair goes, or neither
+                self.last = now
+            self._send(method, *args)
+
+
 def _run_pack(suite: Suite, pack: Pack, device_kind: str, max_pack: int, acceleration: Acceleration | None,
-              threads: int) -> tuple[dict[str, Any], list[Event]]:
+              threads: int, progress_queue=None, attempt: int = 1) -> tuple[dict[str, Any], list[Event]]:
     """The Ray task: every event of ``pack``, with where it ran. Module level, so Ray pickles
     it by reference and the worker imports this module (and keeps ``_WORKER``)."""
     from leakbench.execute import Worker
@@ -99,7 +145,7 @@ def _run_pack(suite: Suite, pack: Pack, device_kind: str, max_pack: int, acceler
         _WORKER["key"], _WORKER["worker"] = None, None
         _WORKER["worker"] = Worker(suite, device=device, max_pack=max_pack, acceleration=acceleration)
         _WORKER["key"] = key
-    events = list(_WORKER["worker"].run_pack(pack))
+    events = list(_WORKER["worker"].run_pack(pack, _QueueProgress(progress_queue, pack.index, attempt)))
     info = {"host": platform.node(), "pid": os.getpid(), **versions()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -154,7 +200,7 @@ class RayExecutor:
 
     def __init__(self, suite: Suite, *, device: torch.device, max_pack: int, address: str | None = None,
                  workers: int | None = None, acceleration: Acceleration | None = None,
-                 max_retries: int = DEFAULT_MAX_RETRIES):
+                 max_retries: int = DEFAULT_MAX_RETRIES, progress: Progress | None = None):
         if workers is not None and workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         self.suite = suite
@@ -162,6 +208,7 @@ class RayExecutor:
         self.max_pack = max_pack
         self.acceleration = acceleration
         self.max_retries = max_retries
+        self.progress = progress or SilentProgress()
         self.address = address
         self.env = worker_env()
         self.env.update(plugin_env(getattr(suite, "plugins", ())))
@@ -243,6 +290,7 @@ class RayExecutor:
 
     def events(self, packs: Iterable[Pack]) -> Iterator[tuple[Pack, Event]]:
         running: dict[Any, tuple[Pack, int]] = {}
+        queue = None
         try:
             todo = deque((pack, 1) for pack in packs)  # (pack, attempt)
             if not todo:
@@ -250,12 +298,15 @@ class RayExecutor:
             task = self._task()
             suite_ref = ray.put(self.suite)
             device_kind = "cuda" if self.device.type == "cuda" else "cpu"
+            queue = self._progress_queue()
             while todo or running:
                 while todo and len(running) < self.workers:
                     pack, attempt = todo.popleft()
-                    ref = task.remote(suite_ref, pack, device_kind, self.max_pack, self.acceleration, self.threads)
+                    ref = task.remote(suite_ref, pack, device_kind, self.max_pack, self.acceleration, self.threads,
+                                      queue, attempt)
                     running[ref] = (pack, attempt)
-                ready, _ = ray.wait(list(running), num_returns=1)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S if queue is not None else None)
+                self._drain(queue, {(p.index, a) for p, a in running.values()})
                 for ref in ready:
                     pack, attempt = running.pop(ref)
                     try:
@@ -282,7 +333,39 @@ class RayExecutor:
                     ray.cancel(ref, force=True)
                 except Exception:  # already finished or gone; nothing to stop
                     pass
+            if queue is not None:
+                try:
+                    ray.kill(queue.actor)
+                except Exception:  # gone with its session already
+                    pass
             self.close()
+
+    def _progress_queue(self):
+        """The queue the tasks report their progress on, or None (then the bar moves per pack only)."""
+        try:
+            from ray.util.queue import Queue
+
+            return Queue(actor_options={"num_cpus": 0})
+        except Exception as err:
+            log.warning("no live progress from the Ray tasks (the bar moves as packs finish): %s", err)
+            return None
+
+    def _drain(self, queue, running: set[tuple[int, int]]) -> None:
+        """Hand what the running tasks reported to the run's Progress (reports of lost attempts are dropped)."""
+        if queue is None:
+            return
+        try:
+            size = queue.qsize()
+            items = queue.get_nowait_batch(size) if size else []
+        except Exception as err:
+            log.debug("progress queue unreadable: %s", err)
+            return
+        for index, attempt, method, args in items:
+            if (index, attempt) not in running and method != "work":
+                continue  # a lost attempt's postfix; its work reports are capped by the meter anyway
+            report = getattr(self.progress, method, None)
+            if report is not None:
+                report(*args)
 
     def _retry(self, pack: Pack, attempt: int, reason: str, todo: deque) -> None:
         if attempt > self.max_retries:
