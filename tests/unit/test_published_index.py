@@ -57,6 +57,10 @@ def test_record_sums_the_runs_of_the_current_suite_hash(tmp_path):
     assert info["wall_seconds"] == 20 * 60  # 10 + 10 minutes; the other hash's 10 hours are not counted
     assert info["batteries"] == ["cpu-v1"] and info["cells"] == 2 and info["attack_runs"] == {"ok": 2, "error": 1}
     assert json.loads((tmp_path / "pub" / "run.json").read_text())["load_average"] == "0.9 1.0 1.1"
+    assert index.record("study_file_stem", results=tmp_path, out=tmp_path / "pub2")["suite_hash"] == "h1"  # one suite
+    with sqlite3.connect(tmp_path / "leakbench.sqlite") as conn:
+        conn.execute("INSERT INTO runs VALUES (-1, 'another', 'h9', '{}', 'cpu', 'x', '2026-10-01T10:00:00+00:00',"
+                     " '2026-10-01T11:00:00+00:00', 'finished')")
     with pytest.raises(ValueError, match="no run of suite 'other'"):
         index.record("other", results=tmp_path, out=tmp_path / "pub")
     with pytest.raises(FileNotFoundError, match="run the suite first"):
