@@ -95,7 +95,8 @@ def _number(value: str, digits: int = 1, pct: bool = False) -> str:
 
 
 def control_text(row: dict[str, str]) -> str:
-    """``leaks 8/8`` when the row's control leaked on at least CONTROL_SHARE of its images, else ``inconclusive``."""
+    """``leaks 8/8`` when the row's control leaked on at least CONTROL_SHARE of its images; else ``inconclusive``
+    unless the row leaks itself (then its leak is a result whatever the control did)."""
     try:
         rate = float(row.get("control_leak_rate", "nan"))
     except ValueError:
@@ -103,7 +104,11 @@ def control_text(row: dict[str, str]) -> str:
     if math.isnan(rate):
         return "n/a"
     share = f"{row.get('control_leaked_images', '?')}/{row.get('control_images', '?')}"
-    return f"leaks {share}" if rate >= CONTROL_SHARE else f"inconclusive ({share})"
+    if rate >= CONTROL_SHARE:
+        return f"leaks {share}"
+    if row.get("leaked_images", "0") not in ("", "0"):  # the row leaks itself: a weak control changes nothing
+        return f"weak ({share}); the row leaks"
+    return f"inconclusive ({share})"
 
 
 def _cell(row: dict[str, str], key: str) -> str:
