@@ -79,6 +79,7 @@ def _image_folder(root: Path) -> Path:
 # How each data set is built offline in a test; the standard ones need files a test does not have.
 DATA_PARAMS = {
     "photos": lambda tmp: {"side": 16},
+    "mnist5k": lambda tmp: {"side": 16},
     "imagefolder": lambda tmp: {"root": str(_image_folder(tmp / "images")), "side": 16},
 }
 NEEDS_FILES = ("cifar10", "cifar100", "mnist")
