@@ -116,7 +116,7 @@ def _cell(row: dict[str, str], key: str) -> str:
         return control_text(row)
     if key == "victim_state":
         acc = row.get("victim_test_accuracy", "")
-        return row.get("victim_state", "") + (f" ({_number(acc, pct=True)})" if _number(acc) not in ("", "n/a") else "")
+        return row.get("victim_state", "") + (f" ({100 * float(acc):.1f}%)" if _number(acc) not in ("", "n/a") else "")
     if key == "leak_rate":
         return f"{_number(row.get(key, ''), pct=True)} ({row.get('leaked_images', '?')}/{row.get('images', '?')})"
     if key == "utility_accuracy":
@@ -173,7 +173,7 @@ def _html_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def _run_line(run: dict[str, Any]) -> str:
     device = run["runs"][-1].get("device", "?") if run.get("runs") else "?"
     minutes = run.get("wall_seconds", 0) / 60
-    load = f"; load average at the end {run['load_average']}" if run.get("load_average") else ""
+    load = f"; load average when recorded {run['load_average']}" if run.get("load_average") else ""
     return (f"battery {', '.join(run.get('batteries') or ['n/a'])}; {run.get('cells')} cells; "
             f"{device}; {minutes:.1f} min wall{load}; torch {run.get('versions', {}).get('torch', '?')}; "
             f"suite hash {run.get('suite_hash')}")
