@@ -145,7 +145,7 @@ def test_kill_at_random_moments_inside_attacks(tmp_path, seed):
 
 @pytest.mark.parametrize("executor", ["local", "processes"])
 def test_ctrl_c_stops_soon_keeps_finished_rows_and_says_how_to_resume(tmp_path, executor):
-    path, out = suite_file(tmp_path, 60), tmp_path / "out"
+    path, out = suite_file(tmp_path, 600), tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "leakbench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
          "--pack-size", "1", "--executor", executor],

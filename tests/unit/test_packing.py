@@ -116,6 +116,7 @@ REQUIRED_PARAMS = {
 # How each packable attack runs in the pack test: a tiny budget and the threat model it needs.
 PACK_CASES = {
     "inverting_gradients": ({"iterations": 12, "restarts": 2, "lr": 0.1, "tv_weight": 1e-2}, ThreatModel()),
+    "inverting_gradients_euclidean": ({"iterations": 12, "restarts": 2, "lr": 0.1, "tv_weight": 1e-2}, ThreatModel()),
     "gradinversion": ({"iterations": 12, "restarts": 2, "warmup": 2, "bn_prior": "shared", "group_weight": 1.0,
                        "bn_weight": 1.0}, ThreatModel(bn_stats="shared")),
 }
