@@ -150,7 +150,10 @@ def test_ctrl_c_stops_soon_keeps_finished_rows_and_says_how_to_resume(tmp_path, 
         [sys.executable, "-m", "leakbench", "run", str(path), "--out", str(out), "--device", "cpu", "-q",
          "--pack-size", "1", "--executor", executor],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a shell that starts a job in the background (nohup ... &, some CI runners) makes it ignore SIGINT, and
+        # children inherit that; a terminal's Ctrl-C reaches a process that does not ignore it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for_attack_runs(proc, out, 1, timeout_s=240)
         assert proc.poll() is None, "the run finished before it could be interrupted; raise the iterations"
