@@ -26,6 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from leakbench.reports.leaderboard import CONTROL_SHARE
+from leakbench.store import store_path
+
 #: the leaderboard columns the front page shows, with their headings
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("victim", "victim"), ("victim_state", "state (test acc.)"), ("defense", "defense"), ("protocol", "protocol"),
@@ -33,8 +36,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("control", "control"), ("utility_accuracy", "FL acc. (undefended)"), ("epsilon", "ε"),
     ("rero_gamma_observed", "ReRo γ (seen)"), ("rero_kappa", "κ"),
 )
-#: share of a control's images that must leak for its rows' "no leak" to count (as certify)
-CONTROL_SHARE = 0.5
 LABEL_STRATEGIES = ("idlg", "analytic", "yin", "wainakh", "geng")
 
 
@@ -52,7 +53,7 @@ def _seconds(started: str | None, finished: str | None) -> float:
 
 def record(suite: str, *, results: Path, out: Path, load: str = "") -> dict[str, Any]:
     """``run.json`` for ``suite`` from the store in ``results``; returns what it wrote."""
-    with _read_only(results / "leakbench.sqlite") as conn:
+    with _read_only(store_path(results)) as conn:
         conn.row_factory = sqlite3.Row
         runs = [dict(r) for r in conn.execute("SELECT * FROM runs WHERE suite_name = ? ORDER BY run_id", (suite,))]
         names = {r[0] for r in conn.execute("SELECT DISTINCT suite_name FROM runs")}
