@@ -9,7 +9,7 @@ OUT ?= results/quick
 # The reference suites whose leaderboards are committed under reports/leaderboards/<suite>/, all at the
 # CPU tier (--budget cpu: battery cpu-v1). Add a suite here when it becomes a reference; `make leaderboards`
 # reruns only what its store (results/<suite>) lacks.
-REFERENCE_SUITES ?= quick architecture defenses similarity
+REFERENCE_SUITES ?= quick architecture defenses similarity generative_cpu
 BUDGET ?= cpu
 # The label study (leakbench.label_study): every label strategy against batch size 1-128 and four label
 # distributions, on untrained and trained (mnist5k, 40 epochs of Adam) LeNet and ConvNet.
