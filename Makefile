@@ -11,7 +11,7 @@ OUT ?= results/quick
 # reruns only what its store (results/<suite>) lacks.
 REFERENCE_SUITES ?= quick architecture defenses similarity generative_cpu
 BUDGET ?= cpu
-# The label study (leakbench.label_study): every label strategy against batch size 1-128 and four label
+# The label study (leakbench.programs.label_study): every label strategy against batch size 1-128 and four label
 # distributions, on untrained and trained (mnist5k, 40 epochs of Adam) LeNet and ConvNet.
 LABEL_STUDY := --dataset mnist5k --side 28 --victims lenet,convnet --batch-sizes 1,2,4,8,16,32,64,128 \
 	--trials 3 --states init,trained --epochs 40 --optimizer adam --lr 0.003 --augment none
@@ -65,7 +65,7 @@ leaderboards: $(STAMP)
 	done
 	@if [ "$(LABELS)" = "1" ] || [ ! -f reports/leaderboards/labels/labels.json ]; then \
 		echo "labels: running the label study at $$(date -u +%H:%M:%S)"; \
-		$(BIN)/python -m leakbench.label_study $(LABEL_STUDY) --out-dir reports/leaderboards/labels > /dev/null; \
+		$(BIN)/python -m leakbench.programs.label_study $(LABEL_STUDY) --out-dir reports/leaderboards/labels > /dev/null; \
 	fi
 	$(BIN)/python -m leakbench.reports.index build reports/leaderboards
 

@@ -27,7 +27,7 @@ _LAZY = {
     "ImageScore": ("leakbench.api", "ImageScore"),
     "load_suite": ("leakbench.suite", "load_suite"),
     "SuiteError": ("leakbench.suite", "SuiteError"),
-    "run_suite": ("leakbench.runner", "run_suite"),
+    "run_suite": ("leakbench.running.runner", "run_suite"),
     "Observation": ("leakbench.core", "Observation"),
     "Reconstruction": ("leakbench.core", "Reconstruction"),
     "Defense": ("leakbench.core", "Defense"),

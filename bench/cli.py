@@ -22,11 +22,11 @@ log = logging.getLogger("leakbench")
 
 
 class TqdmProgress:
-    """A progress bar over reconstruction-iterations (``leakbench.execute.planned_iterations``: each
+    """A progress bar over reconstruction-iterations (``leakbench.running.worker.planned_iterations``: each
     (cell, attack) run's restarts x iterations; one unit for attacks without iterations), moved as
     the attacks iterate, with the current call (a pack's cells included) and its iterations in its
     postfix. Work already in the store starts the bar as done; the rate and time left are the
-    average since the first iteration (``leakbench.execute.RateEstimate``)."""
+    average since the first iteration (``leakbench.running.worker.RateEstimate``)."""
 
     def __init__(self, *, enabled: bool, file=None):
         self.enabled = enabled
@@ -38,7 +38,7 @@ class TqdmProgress:
     def start(self, total: int, *, skipped: int) -> None:
         from tqdm import tqdm
 
-        from leakbench.execute import RateEstimate
+        from leakbench.running.worker import RateEstimate
 
         out = self.file or sys.stderr
         if skipped:
@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = _load(args.suite, args.budget, args.max_cells)
     if suite is None:
         return EXIT_BAD_INPUT
-    from leakbench.runner import run_suite
+    from leakbench.running.runner import run_suite
     from leakbench.store import StoreError
 
     out = Path(args.out) if args.out else _default_out(args.suite)
@@ -263,7 +263,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_BAD_INPUT
         if missing:
-            from leakbench.runner import run_suite
+            from leakbench.running.runner import run_suite
 
             print(f"{missing} attack run(s) of suite {suite.name!r} are not in {out}; running them", file=sys.stderr)
             run_suite(suite, out_dir=out, device=args.device, progress=TqdmProgress(enabled=not args.quiet),
@@ -354,14 +354,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _execution(args: argparse.Namespace) -> dict:
-    from leakbench.attacks.optimize import Acceleration
+    from leakbench.core.acceleration import Acceleration
 
     return {"executor": args.executor, "workers": args.workers, "max_pack": args.pack_size,
             "ray_address": args.address, "acceleration": Acceleration(compile=args.compile, tf32=args.tf32,
                                                                    channels_last=args.channels_last)}
 
 
-# Copies of leakbench.executors.EXECUTORS and leakbench.execute.DEFAULT_MAX_PACK, so that building the
+# Copies of leakbench.running.executors.EXECUTORS and leakbench.running.worker.DEFAULT_MAX_PACK, so that building the
 # parser (and `--help`) imports no torch; tests/unit/test_cli.py checks that they agree.
 EXECUTORS = ("local", "processes", "ray")
 DEFAULT_MAX_PACK = 8

@@ -9,7 +9,6 @@ def registries() -> dict:
     from leakbench.attacks import ATTACKS, LABELS
     from leakbench.data import DATASETS
     from leakbench.fl import PROTOCOLS
-    import leakbench.flower.recorded  # noqa: F401  registers the "recorded" protocol (a real client's update)
     from leakbench.defenses import DEFENSES
     from leakbench.victims import CONTEXT_PARAMS, VICTIMS
     from leakbench.plugins import load_entry_points

@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS results (
     iterations INTEGER,
     restarts INTEGER,
     trace_json TEXT,
-    flags_json TEXT NOT NULL DEFAULT '[]',  -- sanity flags raised for this row (see bench/sanity)
+    flags_json TEXT NOT NULL DEFAULT '[]',  -- sanity flags raised for this row (see bench/running/sanity.py)
     battery TEXT,                           -- the battery the attack came from, e.g. standard-v1
     created_utc TEXT NOT NULL,
     execution_json TEXT NOT NULL DEFAULT '{}',  -- how it ran: pack size, memory limit, OOM splits, attempt, worker

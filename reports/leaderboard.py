@@ -524,7 +524,7 @@ INTERVAL_COLUMNS = (*WORST_COLUMNS, *AVERAGE_COLUMNS, "leak_rate")
 # ``defense_info[<key>]`` columns when numeric, and in ``defense_notes`` always). Without an
 # ``epsilon`` key, ``epsilon`` is the largest ``epsilon_<accountant>`` (e.g. rdp, prv).
 # ``utility_accuracy`` (and its undefended twin) is the test accuracy after the suite's short
-# FL training with the defense ([utility], bench/utility.py), present only where a suite asks.
+# FL training with the defense ([utility], bench/fl/accuracy.py), present only where a suite asks.
 DEFENSE_NUMBER_COLUMNS = ("epsilon", "delta", "utility_cosine", "utility_accuracy", "utility_accuracy_undefended")
 # Over the cells of a row, the privacy budget takes the weakest guarantee (largest ε, δ);
 # other numbers are averaged.

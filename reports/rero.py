@@ -13,7 +13,7 @@ into each leaderboard row:
   leak rate, comparable with γ at any number of images (a bootstrap of 0/4 is [0, 0]);
 - ``rero_noise_multiplier``, ``rero_steps_observed``: σ and the T of what the server saw;
 - ``rero_note``: the bound, accountant and prior, or why a row has no bound;
-- ``rero_exceeded``: the sanity flag ``rero_exceeded`` (bench/sanity.py): the measured rate's
+- ``rero_exceeded``: the sanity flag ``rero_exceeded`` (bench/running/sanity.py): the measured rate's
   one-sided 95% Clopper–Pearson lower limit is above γ seen, which a true guarantee forbids.
 
 Over the cells of a row the weakest guarantee wins (the largest γ and κ). No torch here.
@@ -34,7 +34,7 @@ LEAK_INTERVAL_LEVEL = 0.95
 RERO_NUMBER_COLUMNS = ("rero_gamma_observed", "rero_gamma_training", "rero_kappa", "rero_kappa_upper",
                        "leak_rate_cp_lo", "leak_rate_cp_hi", "rero_noise_multiplier", "rero_steps_observed")
 RERO_BOARD_COLUMNS = (*RERO_NUMBER_COLUMNS, "rero_note", "rero_exceeded")
-#: the sanity flag a row gets when its measured rate is above its ceiling (bench/sanity.py documents it)
+#: the sanity flag a row gets when its measured rate is above its ceiling (bench/running/sanity.py documents it)
 RERO_FLAG = "rero_exceeded"
 RERO_NOTE = ("ReRo γ: a provable ceiling on the probability that any reconstruction attack meets the leak criterion "
              "(γ = 1 − f(κ), Balle et al. 2022; Hayes et al. 2023), from the defense's declared DP guarantee: "

@@ -56,7 +56,7 @@ class DLG(Attack):
             raise ValueError(f"{self.name} needs labels from a label strategy (idlg at batch size 1)")
         device = next(model.parameters()).device
         attacker = attacker_model(model, observation, device)
-        candidate = gradient_fn(attacker, observation)
+        candidate = gradient_fn(attacker, observation, acceleration=self.acceleration)
         target = target_gradients(observation, device)
         given = None if self.joint_labels else labels.to(device)
 

@@ -28,11 +28,12 @@ from torch import nn
 
 from leakbench.attacks.optimize import functional_grad, gradient_fn
 from leakbench.core import Observation
+from leakbench.core.acceleration import NO_ACCELERATION, Acceleration
 
 CandidateFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
 
-def local_training_fn(attacker: nn.Module, observation: Observation) -> CandidateFn:
+def local_training_fn(attacker: nn.Module, observation: Observation, *, acceleration: Acceleration = NO_ACCELERATION) -> CandidateFn:
     """Pseudo-gradient −mean_u(Δ_u)/η of the clients' local SGD, simulated on candidates (x, y).
 
     ``x`` holds every client's candidates (``batch_size`` of them, client u in slots
@@ -48,7 +49,7 @@ def local_training_fn(attacker: nn.Module, observation: Observation) -> Candidat
     clients = observation.clients
     n = observation.batch_size // clients
     steps_per_epoch = math.ceil(n / b)
-    params0, grad = functional_grad(attacker, observation)
+    params0, grad = functional_grad(attacker, observation, acceleration=acceleration)
     names = observation.param_names
 
     def client_delta(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,7 +67,7 @@ def local_training_fn(attacker: nn.Module, observation: Observation) -> Candidat
     return candidate
 
 
-def frozen_training_fn(attacker: nn.Module, observation: Observation) -> CandidateFn:
+def frozen_training_fn(attacker: nn.Module, observation: Observation, *, acceleration: Acceleration = NO_ACCELERATION) -> CandidateFn:
     """Pseudo-gradient −mean_u(Δ_u)/η of the clients' local steps as if none of them moved the weights.
 
     The same steps as ``local_training_fn`` (slots visited in order, mini-batches of b, the
@@ -88,7 +89,7 @@ def frozen_training_fn(attacker: nn.Module, observation: Observation) -> Candida
     if rest:
         raise ValueError(f"{observation.local_steps} local steps are not whole epochs of {steps_per_epoch} "
                          f"mini-batch(es) of {b} over {n} image(s)")
-    params0, grad = functional_grad(attacker, observation)
+    params0, grad = functional_grad(attacker, observation, acceleration=acceleration)
     names = observation.param_names
 
     def client_steps(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -102,14 +103,14 @@ def frozen_training_fn(attacker: nn.Module, observation: Observation) -> Candida
     return candidate
 
 
-def client_gradients_fn(attacker: nn.Module, observation: Observation) -> CandidateFn:
+def client_gradients_fn(attacker: nn.Module, observation: Observation, *, acceleration: Acceleration = NO_ACCELERATION) -> CandidateFn:
     """FedSGD: the gradient of the candidates, averaged over clients when there are several.
 
     One gradient over the whole batch equals the clients' mean unless BatchNorm normalizes
     each client's images by their own statistics (train mode): then each client is
     simulated on its own slots.
     """
-    whole = gradient_fn(attacker, observation)
+    whole = gradient_fn(attacker, observation, acceleration=acceleration)
     clients = observation.clients
     if clients == 1 or observation.bn_mode != "train":
         return whole
@@ -123,17 +124,17 @@ def client_gradients_fn(attacker: nn.Module, observation: Observation) -> Candid
 
 
 #: what the server received -> the attacker's differentiable simulation of it
-SIMULATIONS: dict[str, Callable[[nn.Module, Observation], CandidateFn]] = {
+SIMULATIONS: dict[str, Callable[..., CandidateFn]] = {
     "gradients": client_gradients_fn,
     "weight_delta": local_training_fn,
 }
 
 
-def update_fn(attacker: nn.Module, observation: Observation) -> CandidateFn:
+def update_fn(attacker: nn.Module, observation: Observation, *, acceleration: Acceleration = NO_ACCELERATION) -> CandidateFn:
     """The candidate update in gradient units, for any kind of observation (see ``SIMULATIONS``)."""
     try:
         simulate = SIMULATIONS[observation.kind]
     except KeyError:
         raise ValueError(f"no attacker-side simulation for observations of kind {observation.kind!r}; "
                          f"known: {', '.join(SIMULATIONS)}") from None
-    return simulate(attacker, observation)
+    return simulate(attacker, observation, acceleration=acceleration)

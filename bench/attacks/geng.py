@@ -72,7 +72,7 @@ TARGETS: dict[str, Callable[[Observation, torch.device], tuple[torch.Tensor, ...
 }
 
 #: the candidates' counterpart of the target, per (kind of observation, FedAvg form)
-CANDIDATES: dict[tuple[str, str | None], Callable[[torch.nn.Module, Observation], CandidateFn]] = {
+CANDIDATES: dict[tuple[str, str | None], Callable[..., CandidateFn]] = {
     ("gradients", None): gradient_fn,
     ("weight_delta", "pseudo_gradient"): frozen_training_fn,
     ("weight_delta", "unrolled"): update_fn,
@@ -104,7 +104,7 @@ class Geng(Attack):
         device = next(model.parameters()).device
         attacker = attacker_model(model, observation, device)
         form = self.fedavg if observation.kind == "weight_delta" else None
-        candidate = CANDIDATES[(observation.kind, form)](attacker, observation)
+        candidate = CANDIDATES[(observation.kind, form)](attacker, observation, acceleration=self.acceleration)
         target = TARGETS[observation.kind](observation, device)
         y = labels.to(device)
         init = self.initial_state(observation, generator=generator, device=device)

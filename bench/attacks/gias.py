@@ -55,6 +55,7 @@ from leakbench.attacks.optimize import (
 )
 from leakbench.attacks.registry import ATTACKS
 from leakbench.core import Attack, Observation, ParamError, Reconstruction, ThreatModelError
+from leakbench.core.acceleration import NO_ACCELERATION, Acceleration
 from leakbench.core.frozen import freeze_params
 from leakbench.generators import PriorSpec, load_or_train_prior, parse_prior
 from leakbench.generators.tables import Field, read_table
@@ -106,16 +107,18 @@ class Matching:
     """
 
     def __init__(self, observation: Observation, model: nn.Module, labels: torch.Tensor, *, device: torch.device,
-                 tv_weight: float, bn_weight: float):
+                 tv_weight: float, bn_weight: float, acceleration: Acceleration = NO_ACCELERATION):
         self.normalization = observation.normalization
+        self.acceleration = acceleration
         self.tv_weight = tv_weight
         self.bn_weight = bn_weight
         targets = self._bn_targets(observation, model) if bn_weight > 0 else ()
         self.bn_targets = tuple((m.to(device), v.to(device)) for m, v in targets)
         self.attacker = attacker_model(model, observation, device)
-        self.candidate = update_fn(self.attacker, observation)
+        self.candidate = update_fn(self.attacker, observation, acceleration=acceleration)
         # the statistics' forward hooks live on a copy of their own, so ``candidate`` stays hook-free
-        self._with_stats = (bn_statistics_fn(attacker_model(model, observation, device), observation)
+        self._with_stats = (bn_statistics_fn(attacker_model(model, observation, device), observation,
+                                             acceleration=acceleration)
                             if self.bn_targets else None)
         self.target = target_gradients(observation, device)
         self.labels = labels.to(device)
@@ -217,8 +220,9 @@ class GIAS(Attack):
         if labels is None:
             raise ValueError("gias needs labels from a label strategy")
         device = next(model.parameters()).device
+        # the matching problem first: a threat-model error comes before any training
         problem = Matching(observation, model, labels, device=device, tv_weight=self.tv_weight,
-                           bn_weight=self.bn_weight)  # a threat-model error comes before any training
+                           bn_weight=self.bn_weight, acceleration=self.acceleration)
         renderer = Renderer(self.generator_for(observation, model, device=device, progress=progress))
         restarts, batch = self.restarts, observation.batch_size
         z = torch.randn(restarts, batch, renderer.latent_dim, generator=generator).to(device)
@@ -256,7 +260,8 @@ class GIAS(Attack):
             total, matching = problem(renderer.render(z, weights))
             return total + latent_weight * z.pow(2).mean(), matching
 
-        return run_restarts(objective, {"z": z0}, schedule=search.schedule(), deadline=deadline, progress=progress)
+        return run_restarts(objective, {"z": z0}, schedule=search.schedule(), deadline=deadline, progress=progress,
+                            acceleration=self.acceleration)
 
     def _weight_stage(self, problem: Matching, renderer: Renderer, z0: torch.Tensor, w0: dict[str, torch.Tensor],
                       search: Search, deadline, progress) -> RestartResult:
@@ -266,7 +271,8 @@ class GIAS(Attack):
             return problem(renderer.per_image(_weights_of(state), state["z"].detach()))
 
         init = {"z": z0, **{f"w/{k}": v for k, v in w0.items()}}
-        return run_restarts(objective, init, schedule=search.schedule(), deadline=deadline, progress=progress)
+        return run_restarts(objective, init, schedule=search.schedule(), deadline=deadline, progress=progress,
+                            acceleration=self.acceleration)
 
 
 def check_common(*, restarts: int, tv_weight: float, bn_weight: float, latent_weight: float) -> None:

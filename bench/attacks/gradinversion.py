@@ -139,7 +139,7 @@ class GradInversion(PackedAttack):
         first = observations[0]
         device = next(model.parameters()).device
         attacker = attacker_model(model, first, device)
-        candidate = bn_statistics_fn(attacker, first)
+        candidate = bn_statistics_fn(attacker, first, acceleration=self.acceleration)
         layers, bn_layers = len(first.update), len(bn_targets[0])
         rows = []
         for o, y, bn in zip(observations, labels, bn_targets):
@@ -167,7 +167,8 @@ class GradInversion(PackedAttack):
                           for o, g in zip(observations, generators)])
         results = run_packed(objective, {"x": init}, groups=len(observations), inputs=stack_inputs(rows),
                              schedule=self.schedule, project=box_projection(first, init), deadline=deadline,
-                             progress=progress, consensus=restart_mean if coupled else None)
+                             progress=progress, consensus=restart_mean if coupled else None,
+                             acceleration=self.acceleration)
         out = []
         for o, y, r in zip(observations, labels, results):
             images, raw = to_pixels(r.state["x"], o)

@@ -49,7 +49,7 @@ class InvertingGradients(PackedAttack):
         attacker = attacker_model(model, first, device)
         # FedSGD: the candidates' gradient; FedAvg (section 6 of the paper): the clients' local
         # SGD steps unrolled on the candidates, as the pseudo-gradient -delta / lr.
-        candidate = update_fn(attacker, first)
+        candidate = update_fn(attacker, first, acceleration=self.acceleration)
         layers = len(first.update)
         inputs = stack_inputs([{"y": y.to(device), **{f"t{i}": t for i, t in enumerate(target_gradients(o, device))}}
                                for o, y in zip(observations, labels)])
@@ -68,7 +68,7 @@ class InvertingGradients(PackedAttack):
         results = run_packed(
             objective, {"x": x0}, groups=len(observations), inputs=inputs,
             schedule=Schedule(iterations=self.iterations, lr=self.lr, signed=self.signed),
-            project=project, deadline=deadline, progress=progress,
+            project=project, deadline=deadline, progress=progress, acceleration=self.acceleration,
         )
         return [
             Reconstruction(

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from leakbench.attacks.common import as_gradient
+from leakbench.core.acceleration import NO_ACCELERATION, Acceleration
 from leakbench.core import AttackTimeout, Observation
 
 State = dict[str, torch.Tensor]
@@ -93,60 +94,6 @@ LR_DECAYS = {"step": _step_decay, "cosine": _cosine_decay}
 
 
 @dataclass(frozen=True)
-class Acceleration:
-    """Optional speed-ups of the optimization step, off by default; each must keep results
-    within tolerance of plain fp32 (tests/unit/test_packing.py checks what runs on a CPU).
-
-    - ``compile``: ``torch.compile`` of the vectorized step; ``"reduce-overhead"`` also
-      captures CUDA graphs on a GPU. Compilation costs seconds per new pack shape: it pays
-      off for long attacks, not for smoke runs.
-    - ``tf32``: TensorFloat-32 matmuls and convolutions on Ampere+ GPUs (no effect on a CPU).
-    - ``channels_last``: the attacker's 4-D weights and the candidates (every 5-D state
-      tensor, rows × batch × C × H × W) laid out channels-last, the layout tensor-core
-      convolutions prefer; values are unchanged, only strides. On a CPU it was slower
-      (README, "Execution").
-    """
-
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
-    tf32: bool = False
-    channels_last: bool = False
-
-    def describe(self) -> dict:
-        """What differs from the defaults, for a row's execution record (empty when nothing does)."""
-        default = Acceleration()
-        return {k: getattr(self, k) for k in ("compile", "tf32", "channels_last")
-                if getattr(self, k) != getattr(default, k)}
-
-    def apply(self) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self.tf32
-        torch.backends.cudnn.allow_tf32 = self.tf32
-        _ACCELERATION[0] = self
-
-    def wrap(self, step: Callable) -> Callable:
-        if self.compile == "off":
-            return step
-        return torch.compile(step, mode=None if self.compile == "default" else self.compile, dynamic=False)
-
-
-_ACCELERATION = [Acceleration()]
-
-
-def acceleration() -> Acceleration:
-    """The speed-ups this process was configured with (``Acceleration.apply``)."""
-    return _ACCELERATION[0]
-
-
-def laid_out(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in this process's memory layout: channels-last strides for 4-D and 5-D tensors
-    (the last three dimensions C, H, W) when ``Acceleration.channels_last``; else ``t``."""
-    if not acceleration().channels_last or t.dim() not in (4, 5):
-        return t
-    if t.dim() == 4:
-        return t.contiguous(memory_format=torch.channels_last)
-    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-
-
-@dataclass(frozen=True)
 class RestartResult:
     state: State  # the winning restart's state (no leading restart dimension)
     matching_losses: torch.Tensor  # (R,) final attacker-side loss of every restart
@@ -166,18 +113,22 @@ def target_gradients(observation: Observation, device: torch.device) -> tuple[to
     return tuple(as_gradient(observation, u).to(device) for u in observation.update)
 
 
-def attacker_params(attacker: nn.Module, observation: Observation) -> tuple[dict, dict]:
-    """The attacker's parameters (detached, those the observation names) and buffers, for ``functional_call``."""
+def attacker_params(attacker: nn.Module, observation: Observation, *,
+                    acceleration: Acceleration = NO_ACCELERATION) -> tuple[dict, dict]:
+    """The attacker's parameters (detached, those the observation names, in ``acceleration``'s memory
+    layout) and buffers, for ``functional_call``."""
     named = dict(attacker.named_parameters())
     missing = [n for n in observation.param_names if n not in named]
     if missing:
         raise ValueError(f"the observation has parameters the attacker's model lacks: {missing[:3]}")
-    return {n: laid_out(named[n].detach()) for n in observation.param_names}, dict(attacker.named_buffers())
+    return ({n: acceleration.lay_out(named[n].detach()) for n in observation.param_names},
+            dict(attacker.named_buffers()))
 
 
-def functional_grad(attacker: nn.Module, observation: Observation) -> tuple[dict, Callable]:
+def functional_grad(attacker: nn.Module, observation: Observation, *,
+                    acceleration: Acceleration = NO_ACCELERATION) -> tuple[dict, Callable]:
     """The attacker's parameters and ``grad(p, x, y)``: the mean cross-entropy's gradient at any parameters ``p``."""
-    params, buffers = attacker_params(attacker, observation)
+    params, buffers = attacker_params(attacker, observation, acceleration=acceleration)
 
     def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(attacker, (p, buffers), (x,))
@@ -224,13 +175,14 @@ def autograd_grad_and_value(objective: Callable) -> Callable:
     return fn
 
 
-def gradient_fn(attacker: nn.Module, observation: Observation) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+def gradient_fn(attacker: nn.Module, observation: Observation, *,
+                acceleration: Acceleration = NO_ACCELERATION) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """Candidate gradient g(x, y) of the mean cross-entropy, in the observation's parameter order.
 
     ``y`` is either class indices (B,) or soft labels (B, classes). Functional, so it can
     be differentiated again with respect to x and vmapped over restarts.
     """
-    params, grad = functional_grad(attacker, observation)
+    params, grad = functional_grad(attacker, observation, acceleration=acceleration)
 
     def candidate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         g = grad(params, x, y)
@@ -271,13 +223,15 @@ def run_restarts(
     trace_points: int = 50,
     consensus: Consensus | None = None,
     stop_loss: float | None = None,
+    acceleration: Acceleration = NO_ACCELERATION,
 ) -> RestartResult:
     """Optimize R restarts of one reconstruction at once; every tensor of ``init`` has the restart dimension first.
 
     See ``run_packed`` (one reconstruction, ``groups = 1``) for the rest.
     """
     return run_packed(objective, init, groups=1, schedule=schedule, project=project, deadline=deadline,
-                      progress=progress, trace_points=trace_points, consensus=consensus, stop_loss=stop_loss)[0]
+                      progress=progress, trace_points=trace_points, consensus=consensus, stop_loss=stop_loss,
+                      acceleration=acceleration)[0]
 
 
 def run_packed(
@@ -294,6 +248,7 @@ def run_packed(
     trace_points: int = 50,
     consensus: Consensus | None = None,
     stop_loss: float | None = None,
+    acceleration: Acceleration = NO_ACCELERATION,
 ) -> list[RestartResult]:
     """Optimize ``groups`` independent reconstructions of R restarts each as one vectorized computation.
 
@@ -315,7 +270,7 @@ def run_packed(
     to what its objective is given, ``objective(state, given)``; GradInversion pulls each
     restart toward its group's mean this way. Reconstructions stay independent of each other.
     """
-    state = {k: laid_out(v.detach().clone()) for k, v in init.items()}
+    state = {k: acceleration.lay_out(v.detach().clone()) for k, v in init.items()}
     rows = next(iter(state.values())).shape[0]
     if groups < 1 or rows % groups:
         raise ValueError(f"{rows} candidate rows cannot be split into {groups} reconstructions")
@@ -325,9 +280,9 @@ def run_packed(
         inputs = {k: v.detach() for k, v in inputs.items()}
         if any(v.shape[0] != groups for v in inputs.values()):
             raise ValueError(f"every per-reconstruction input must have {groups} rows first")
-    plain = groups == 1 and restarts == 1 and acceleration().compile == "off"
+    plain = groups == 1 and restarts == 1 and acceleration.compile == "off"
     value_and_grad = autograd_grad_and_value(objective) if plain else torch.func.grad_and_value(objective, has_aux=True)
-    step = acceleration().wrap(_mapped(value_and_grad, groups, restarts, inputs, consensus))
+    step = acceleration.wrap(_mapped(value_and_grad, groups, restarts, inputs, consensus))
     evaluate = _mapped(objective, groups, restarts, inputs, consensus)
     scale = torch.ones(groups, device=device) if lr_scale is None else lr_scale.to(device=device, dtype=torch.float32)
     lr_rows = (schedule.lr * scale).repeat_interleave(restarts)
@@ -519,7 +474,8 @@ def to_pixels(x: torch.Tensor, observation: Observation) -> tuple[torch.Tensor, 
     return raw.clamp(0, 1), raw
 
 
-def bn_statistics_fn(attacker: nn.Module, observation: Observation) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+def bn_statistics_fn(attacker: nn.Module, observation: Observation, *,
+                     acceleration: Acceleration = NO_ACCELERATION) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """Like ``gradient_fn``, but also returns each BatchNorm layer's input batch mean and
     (biased) variance, in ``model.modules()`` order: the statistics a client shares under
     ``bn_stats = "shared"`` (see ``leakbench.fl``), differentiable with respect to the candidates.
@@ -527,7 +483,7 @@ def bn_statistics_fn(attacker: nn.Module, observation: Observation) -> Callable[
     The statistics come from the same forward pass as the gradient (``has_aux``), so the
     prior costs no second forward pass.
     """
-    params, buffers = attacker_params(attacker, observation)
+    params, buffers = attacker_params(attacker, observation, acceleration=acceleration)
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
-"""The engine's core: registry, frozen types, seeding, files, freeze/thaw of parameters (``frozen``) and
-the shared vocabulary (``vocabulary``: metrics, statuses, thresholds).
+"""The engine's core: registry, frozen types, seeding, files, freeze/thaw of parameters (``frozen``),
+the shared vocabulary (``vocabulary``: metrics, statuses, thresholds), the machine's memory
+(``memory``) and the optimization step's speed-ups (``acceleration``).
 
 Imports nothing of the project (contract ``core`` in pyproject.toml). The names below load
 on first use, so ``leakbench.core.vocabulary`` (plain Python) can be imported by the store and
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 # name -> the core module that defines it
 _EXPORTS = {
+    "Acceleration": "acceleration", "NO_ACCELERATION": "acceleration",
     "Attack": "interfaces", "AttackTimeout": "interfaces", "Defense": "interfaces", "LabelStrategy": "interfaces",
     "ParamError": "interfaces", "ThreatModelError": "interfaces",
     "Entry": "registry", "Registry": "registry", "RegistryError": "registry", "close_matches": "registry",
@@ -25,6 +27,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from leakbench.core.acceleration import NO_ACCELERATION, Acceleration
     from leakbench.core.interfaces import Attack, AttackTimeout, Defense, LabelStrategy, ParamError, ThreatModelError
     from leakbench.core.registry import Entry, Registry, RegistryError, close_matches, did_you_mean
     from leakbench.core.seeding import derive_seed, generator, short_hash

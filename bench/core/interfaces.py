@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
+from leakbench.core.acceleration import NO_ACCELERATION, Acceleration
 from leakbench.core.types import Observation, Reconstruction
 
 if TYPE_CHECKING:
@@ -112,6 +113,11 @@ class Attack(ABC):
 
     #: whether ``reconstruct`` needs labels from a label strategy
     uses_labels: bool = True
+
+    #: the optimization step's speed-ups (compilation, TF32, memory layout); the worker that
+    #: builds the attack hands it the run's (``--compile``, ``--tf32``, ``--channels-last``),
+    #: and the attack passes it to the optimization core. Plain fp32 unless handed another.
+    acceleration: Acceleration = NO_ACCELERATION
 
     @abstractmethod
     def reconstruct(

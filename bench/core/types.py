@@ -120,5 +120,5 @@ class Reconstruction:
     restarts: int = 1
     # The chosen candidate in [0, 1] space *before* clamping, where the attack can leave the
     # box (L-BFGS, closed forms); None where it projects every step. Feeds the pixel-range
-    # sanity flag (bench/sanity.py); never scored.
+    # sanity flag (bench/running/sanity.py); never scored.
     raw_images: torch.Tensor | None = None

@@ -224,7 +224,7 @@ def _check_side_memory(side: int, *, name: str) -> None:
     """Refuses a side whose images could not be held in this machine's memory, before anything is allocated."""
     need = IMAGE_COPIES * 3 * 4 * side * side
     try:
-        from leakbench.memory import free_cpu_bytes
+        from leakbench.core.memory import free_cpu_bytes
 
         free = free_cpu_bytes()
     except Exception:  # no measurement off Linux: nothing to compare with

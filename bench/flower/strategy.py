@@ -7,7 +7,7 @@ call goes to the wrapped strategy. On the side it writes, for every recorded rou
 global parameters sent in ``configure_fit`` (and any client-specific ones) and, in
 ``aggregate_fit``, each client's returned parameters, ``num_examples``, metrics and fit
 config, with the FL protocol the user states (``StatedProtocol``), to a recording folder
-(``leakbench.flower.recording``) that the ``recorded`` protocol turns into observations.
+(``leakbench.fl.recording``) that the ``recorded`` protocol turns into observations.
 
 Flower moves parameters as a list of arrays with no names. The recording names them with
 ``names``, in that list's order; ``parameter_names(model)`` gives the names of the usual
@@ -35,7 +35,7 @@ except ModuleNotFoundError as err:  # pragma: no cover - depends on the environm
     raise ModuleNotFoundError(f"leakbench.flower.strategy needs Flower ({err}); install it with "
                               "pip install 'leakbench[flower]'", name=err.name) from err
 
-from leakbench.flower.recording import ClientRecord, RecordingError, RoundRecord, StatedProtocol, save_round
+from leakbench.fl.recording import ClientRecord, RecordingError, RoundRecord, StatedProtocol, save_round
 
 log = logging.getLogger(__name__)
 

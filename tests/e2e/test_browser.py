@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.suite import load_suite
 from leakbench.reports import leaderboard, load_results, write_reports
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from leakbench.cli import main
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import load_suite
 

@@ -18,10 +18,10 @@ import torch
 
 pytest.importorskip("flwr")
 
-from leakbench import sanity  # noqa: E402
+from leakbench.running import sanity  # noqa: E402
 from leakbench.data import DATASETS  # noqa: E402
-from leakbench.flower.example import Settings, run_example  # noqa: E402
-from leakbench.flower.recording import load_round  # noqa: E402
+from leakbench.programs.flower_example import Settings, run_example  # noqa: E402
+from leakbench.fl.recording import load_round  # noqa: E402
 from leakbench.store import Store, store_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def test_example_records_real_clients_and_the_audit_reconstructs(tmp_path):
     """FedSGD, one image per client: the command as a user runs it, with a small attack next to the smoke battery."""
     out = tmp_path / "flower"
     proc = subprocess.run(
-        [sys.executable, "-m", "leakbench.flower.example", "--out", str(out), "--battery", "smoke-v1",
+        [sys.executable, "-m", "leakbench.programs.flower_example", "--out", str(out), "--battery", "smoke-v1",
          "--attack", "dlg:iterations=4,inner_steps=20,labels=none", "--device", "cpu", "-q", "--timeout", "240"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

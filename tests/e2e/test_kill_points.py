@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from runwatch import wait_for_attack_runs
 
-from leakbench import sanity
-from leakbench.runner import run_suite
+from leakbench.running import sanity
+from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import load_suite
 

@@ -19,7 +19,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from leakbench.runner import run_suite  # noqa: E402
+from leakbench.running.runner import run_suite  # noqa: E402
 from leakbench.store import Store, store_path  # noqa: E402
 from leakbench.suite import load_suite  # noqa: E402
 from runwatch import wait_for_attack_runs  # noqa: E402
@@ -126,7 +126,7 @@ def test_a_killed_worker_costs_only_its_pack_which_is_retried_and_recorded(tiny_
     killer = PackKiller(after_s=3.0)
     killer.start()
     try:
-        with caplog.at_level("WARNING", logger="leakbench.executors.ray"):
+        with caplog.at_level("WARNING", logger="leakbench.running.executors.ray"):
             summary = run_suite(suite, out_dir=tmp_path, device="cpu", executor="ray", workers=2)
     finally:
         killer.stop.set()
@@ -190,7 +190,7 @@ def test_an_address_nobody_listens_on_is_a_clear_error(tiny_suite_file, tmp_path
 
 
 def test_workers_get_the_drivers_cache_locations(tmp_path, monkeypatch):
-    from leakbench.executors.ray import worker_env
+    from leakbench.running.executors.ray import worker_env
 
     monkeypatch.chdir(tmp_path)
     env = worker_env({"LEAKBENCH_CACHE": "cache", "TORCH_HOME": "~/torch", "HOME": "/x", "XDG_CACHE_HOME": ""})
@@ -198,7 +198,7 @@ def test_workers_get_the_drivers_cache_locations(tmp_path, monkeypatch):
 
 
 def test_a_cuda_run_on_a_cluster_without_gpus_stops_at_once(tiny_suite_file):
-    from leakbench.executors.ray import RayExecutor
+    from leakbench.running.executors.ray import RayExecutor
 
     suite = load_suite(tiny_suite_file(images=1, iterations=2))
     with pytest.raises(ValueError, match="has no GPU"):

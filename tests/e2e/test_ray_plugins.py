@@ -12,8 +12,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from leakbench.execute import SilentProgress  # noqa: E402
-from leakbench.runner import run_suite  # noqa: E402
+from leakbench.running.worker import SilentProgress  # noqa: E402
+from leakbench.running.runner import run_suite  # noqa: E402
 from leakbench.suite import load_suite  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))

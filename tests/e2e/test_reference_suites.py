@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from leakbench.catalog import resolve as suite_path
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import load_suite, parse_suite
 

@@ -10,7 +10,7 @@ import pytest
 
 from leakbench.defenses.dp import OpacusClipping
 from leakbench.reports.leaderboard import leaderboard, load_results, to_markdown
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import load_suite
 

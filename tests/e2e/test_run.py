@@ -13,7 +13,7 @@ import pytest
 from runwatch import wait_for_attack_runs
 
 from leakbench.cli import main
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import SCHEMA_VERSION, Store, StoreError, store_path
 from leakbench.suite import load_suite, parse_suite
 

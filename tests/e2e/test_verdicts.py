@@ -19,7 +19,7 @@ import pytest
 
 from leakbench.cli import EXIT_FAILED, EXIT_INCONCLUSIVE, EXIT_OK, main
 from leakbench.reports import leaderboard, load_results
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import load_suite
 

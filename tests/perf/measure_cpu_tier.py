@@ -3,7 +3,7 @@
 Not a test (tests/perf is outside the default test run): one measurement takes minutes.
 A *control* is a victim with no defense, FedSGD at batch size 1, the photos at 32x32,
 labels recovered (never given). Each measurement writes a one-case suite, runs it with
-leakbench's own runner (``leakbench.runner.run_suite``, packing as ``leakbench run``
+leakbench's own runner (``leakbench.running.runner.run_suite``, packing as ``leakbench run``
 does) into ``--work``, and reads the rows back from the store: per image the best PSNR
 over the measurement's attacks, the share of images above the threshold, the matching
 loss, and the seconds (the run's wall time and each attack's share of its packed calls).
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from leakbench.attacks.battery import describe
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import parse_suite
 

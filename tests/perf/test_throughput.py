@@ -161,7 +161,7 @@ ACCELERATED: dict[tuple, dict[str, float]] = {}
 def test_accelerated_packed_step(benchmark, victim, restarts, iterations, speedup):
     """``--compile default`` and ``--channels-last`` vs eager on a pack of CELLS cells (the warm-up round
     pays the compilation)."""
-    from leakbench.attacks.optimize import Acceleration
+    from leakbench.core import Acceleration
 
     problem = cells(victim, 32, 1)
     attack = ATTACKS.build("inverting_gradients", iterations=iterations, restarts=restarts)
@@ -171,12 +171,9 @@ def test_accelerated_packed_step(benchmark, victim, restarts, iterations, speedu
                                 generators=[generator(k) for k in range(CELLS)])
         _sync()
 
-    Acceleration(**SPEEDUPS[speedup]).apply()
-    try:
-        benchmark.group = f"speed-ups {victim} R={restarts} K={CELLS} {iterations} it"
-        benchmark.pedantic(packed, rounds=3, warmup_rounds=1)
-    finally:
-        Acceleration().apply()
+    attack.acceleration = Acceleration(**SPEEDUPS[speedup])
+    benchmark.group = f"speed-ups {victim} R={restarts} K={CELLS} {iterations} it"
+    benchmark.pedantic(packed, rounds=3, warmup_rounds=1)
     times = ACCELERATED.setdefault((victim, restarts, iterations), {})
     times[speedup] = benchmark.stats.stats.min
     if speedup != "off" and "off" in times:

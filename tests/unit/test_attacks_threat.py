@@ -9,7 +9,7 @@ import pytest
 from leakbench.attacks import ATTACKS, LABELS
 from leakbench.core import ThreatModel, ThreatModelError, generator
 from leakbench.fl import PROTOCOLS
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import Store, store_path
 from leakbench.suite import parse_suite
 from leakbench.defenses import DEFENSES

@@ -21,8 +21,8 @@ def test_help_imports_no_torch():
 
 
 def test_parser_constants_match_the_engine():
-    from leakbench.execute import DEFAULT_MAX_PACK
-    from leakbench.executors import EXECUTORS
+    from leakbench.running.worker import DEFAULT_MAX_PACK
+    from leakbench.running.executors import EXECUTORS
 
     assert cli.EXECUTORS == EXECUTORS
     assert cli.DEFAULT_MAX_PACK == DEFAULT_MAX_PACK
@@ -54,7 +54,7 @@ def test_verbosity_after_the_subcommand_sets_leakbench_loggers_only(monkeypatch,
     assert logging.getLogger("leakbench").level == logging.INFO
     assert cli.main(["-v", "init", "s2", "-v"]) == 0
     assert logging.getLogger("leakbench").level == logging.DEBUG
-    assert logging.getLogger("leakbench.runner").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("leakbench.running.runner").getEffectiveLevel() == logging.DEBUG
     assert cli.main(["init", "s3", "-q"]) == 0
     assert logging.getLogger("leakbench").level == logging.ERROR
     assert logging.getLogger().level == root_level

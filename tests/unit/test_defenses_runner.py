@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 import torch
 
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import parse_suite
 

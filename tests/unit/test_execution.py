@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from leakbench import memory
-from leakbench.execute import SilentProgress, plan_packs
+from leakbench.core import memory
+from leakbench.running.worker import SilentProgress, plan_packs
 from leakbench.store import store_path
 from leakbench.suite import load_suite
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 
 
 def rows(out) -> dict[tuple, tuple]:
@@ -56,7 +56,10 @@ def test_packing_cells_gives_what_each_cell_gives_alone(tiny_suite_file, tmp_pat
 def test_gradinversion_packs_too_and_channels_last_is_recorded(tiny_suite_file, tmp_path):
     """GradInversion packs across cells in the runner, and ``--channels-last`` gives the same numbers
     (values unchanged, only strides) and says so in every row's execution record."""
-    from leakbench.attacks.optimize import Acceleration, acceleration
+    from leakbench.core import Acceleration
+    from leakbench.core.acceleration import backend_flags
+
+    flags = backend_flags()
 
     suite = load_suite(tiny_suite_file(images=3, iterations=12, extra_attack="""
         [[case.attacks]]
@@ -74,7 +77,7 @@ def test_gradinversion_packs_too_and_channels_last_is_recorded(tiny_suite_file, 
     assert {r[3]["pack"] for k, r in packed.items() if k[1].startswith("gradinversion")} == {3}
     assert all(r[3]["acceleration"] == {"channels_last": True} for r in packed.values())
     assert all("acceleration" not in r[3] for r in alone.values())  # plain fp32 names no speed-up
-    assert acceleration() == Acceleration()  # the process's speed-ups are back as they were
+    assert backend_flags() == flags  # torch's TF32 switches are back as they were
 
 
 OUT_OF_MEMORY = {
@@ -141,8 +144,8 @@ def test_process_workers_match_local_and_survive_a_killed_worker(tiny_suite_file
 def test_gpu_pack_limit_is_what_the_measured_free_memory_holds(tiny_suite_file, monkeypatch):
     """On a GPU: packs of at most MEMORY_HEADROOM x free memory / one reconstruction's probed peak,
     never above --pack-size, at least 1; probed once per (attack, observation shape)."""
-    import leakbench.execute as execute
-    from leakbench.execute import MEMORY_HEADROOM, Worker, _Prepared
+    import leakbench.running.worker as execute
+    from leakbench.running.worker import MEMORY_HEADROOM, Worker, _Prepared
 
     suite = load_suite(tiny_suite_file(images=2))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
@@ -177,8 +180,8 @@ class Packable:
 
 def test_cpu_pack_limit_is_what_the_measured_available_memory_holds(tiny_suite_file, monkeypatch):
     """On a CPU: the GPU's arithmetic with the probed peak resident set and the available RAM."""
-    import leakbench.execute as execute
-    from leakbench.execute import MEMORY_HEADROOM, Worker, _Prepared
+    import leakbench.running.worker as execute
+    from leakbench.running.worker import MEMORY_HEADROOM, Worker, _Prepared
 
     suite = load_suite(tiny_suite_file(images=2))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
@@ -210,8 +213,8 @@ def test_cpu_pack_limit_is_what_the_measured_available_memory_holds(tiny_suite_f
 def test_the_pack_size_is_the_fastest_by_timing_for_long_attacks(tiny_suite_file, monkeypatch):
     """Up to the memory limit, the pack size with the least time per reconstruction and iteration wins:
     packing can be slower (measured on this CPU for ResNet-18); short attacks are not timed."""
-    import leakbench.execute as execute
-    from leakbench.execute import TIMING_MIN_ITERATIONS, Worker, _Prepared
+    import leakbench.running.worker as execute
+    from leakbench.running.worker import TIMING_MIN_ITERATIONS, Worker, _Prepared
 
     suite = load_suite(tiny_suite_file(images=2, iterations=TIMING_MIN_ITERATIONS))
     spec = suite.cells[0].attacks[0]
@@ -245,7 +248,7 @@ def test_the_pack_size_is_the_fastest_by_timing_for_long_attacks(tiny_suite_file
 
 
 def test_iteration_seconds_times_a_real_pack(tiny_suite_file):
-    from leakbench.execute import Worker, _iteration_seconds
+    from leakbench.running.worker import Worker, _iteration_seconds
 
     suite = load_suite(tiny_suite_file(images=1))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=4)
@@ -258,8 +261,8 @@ def test_iteration_seconds_times_a_real_pack(tiny_suite_file):
 def test_cpu_memory_not_measurable_falls_back_to_max_pack(tiny_suite_file, monkeypatch, tmp_path, missing):
     """No /proc (macOS), or a /proc file not there or not writable (a locked-down container): packs of
     --pack-size, saying why, once per key; without a way to read and reset the peak, the probe does not run."""
-    import leakbench.execute as execute
-    from leakbench.execute import Worker, _Prepared
+    import leakbench.running.worker as execute
+    from leakbench.running.worker import Worker, _Prepared
 
     suite = load_suite(tiny_suite_file(images=2))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
@@ -277,8 +280,8 @@ def test_cpu_memory_not_measurable_falls_back_to_max_pack(tiny_suite_file, monke
 
 def test_a_failing_probe_falls_back_to_max_pack(tiny_suite_file, monkeypatch):
     """The probe is a real reconstruction; if it fails, the packed call runs anyway (its rows then say why)."""
-    import leakbench.execute as execute
-    from leakbench.execute import Worker, _Prepared
+    import leakbench.running.worker as execute
+    from leakbench.running.worker import Worker, _Prepared
 
     suite = load_suite(tiny_suite_file(images=2))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
@@ -299,7 +302,7 @@ def meminfo_kib(field: str) -> int:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_free_cpu_bytes_is_the_available_ram():
-    from leakbench.memory import free_cpu_bytes
+    from leakbench.core.memory import free_cpu_bytes
 
     assert 0 < free_cpu_bytes() <= meminfo_kib("MemTotal") * 1024
 
@@ -340,8 +343,8 @@ def test_cpu_probe_measures_what_a_reconstruction_holds(tiny_suite_file):
     import dataclasses
 
     from leakbench import components
-    from leakbench.execute import Worker, _probe_memory
-    from leakbench.memory import _cpu_peak_bytes
+    from leakbench.running.worker import Worker, _probe_memory
+    from leakbench.core.memory import _cpu_peak_bytes
 
     # the kernel's resident-set counters lag by up to 64 pages per thread: not to the byte
     assert 60 * 2**20 < _cpu_peak_bytes(lambda: torch.ones(64 * 2**20, dtype=torch.uint8)) < 80 * 2**20
@@ -363,7 +366,7 @@ def test_cpu_probe_measures_what_a_reconstruction_holds(tiny_suite_file):
 
 
 def test_cpu_allocation_failures_are_out_of_memory():
-    from leakbench.memory import is_oom
+    from leakbench.core.memory import is_oom
 
     assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes"))
     assert is_oom(MemoryError())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from leakbench import components
 from leakbench.core import ParamError, ThreatModel, generator
 from leakbench.fl import PROTOCOLS
-from leakbench.flower.recording import (
+from leakbench.fl.recording import (
     FORMAT,
     ClientRecord,
     RecordingError,

@@ -16,7 +16,7 @@ from flwr.server.client_manager import SimpleClientManager  # noqa: E402
 from flwr.server.client_proxy import ClientProxy  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 
-from leakbench.flower.recording import RecordingError, StatedProtocol, load_round, recorded_rounds  # noqa: E402
+from leakbench.fl.recording import RecordingError, StatedProtocol, load_round, recorded_rounds  # noqa: E402
 from leakbench.flower.strategy import RecordingStrategy, parameter_names  # noqa: E402
 from leakbench.victims import build_victim  # noqa: E402
 

@@ -110,7 +110,9 @@ def test_contracts_name_every_module(tmp_path: Path) -> None:
             expected = top - allowed - {source}
         assert forbidden == expected, (f"contract {cid!r}: forbid {sorted(expected - forbidden)}, "
                                        f"drop {sorted(forbidden - expected)}")
-    assert set(contracts["programs"]["source_modules"]) == top - {"leakbench.cli", "leakbench.__main__"}
+    assert set(contracts["cli"]["source_modules"]) == top - {"leakbench.cli", "leakbench.__main__", "leakbench.programs"}
+    assert set(contracts["programs"]["source_modules"]) == top - {"leakbench.programs", "leakbench.__main__"}
+    assert contracts["programs"]["forbidden_modules"] == ["leakbench.programs"]
     assert contracts["acyclic"]["type"] == "acyclic_siblings" and contracts["acyclic"]["ancestors"] == ["leakbench"]
 
 

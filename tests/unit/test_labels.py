@@ -1,7 +1,7 @@
 """Label strategies: duplicates at batch 8 and 32 on untrained victims, distinct-label strategies, rounding.
 
 Measured with these seeds (photos at 16 px, two batches per point, heavy duplicates =
-labels over round(sqrt(B)) classes; ``python -m leakbench.label_study --victims
+labels over round(sqrt(B)) classes; ``python -m leakbench.programs.label_study --victims
 test_tiny,convnet --batch-sizes 8,32 --distributions duplicates --strategies wainakh,geng
 --trials 2 --side 16``): wainakh 100 % everywhere; geng 100 / 95 % on test_tiny and
 88 / 84 % on convnet at B = 8 / 32. The floors below leave a margin for other BLAS builds.
@@ -14,7 +14,7 @@ from leakbench.attacks import LABELS
 from leakbench.attacks.labels import apportion, counts_to_labels
 from leakbench.core import ThreatModel, generator
 from leakbench.fl import PROTOCOLS
-from leakbench.label_study import run_study
+from leakbench.programs.label_study import run_study
 from leakbench.defenses import DEFENSES
 from leakbench.victims import build_victim
 

@@ -206,18 +206,15 @@ def test_a_reconstruction_stops_early_alone():
 @pytest.mark.slow
 def test_compiled_step_keeps_the_numbers(smooth_batch):
     """torch.compile of the packed step (``--compile default``) stays within tolerance of eager fp32."""
-    from leakbench.attacks.optimize import Acceleration
+    from leakbench.core import Acceleration
 
     cells = _observations(smooth_batch, "lenet", {}, "train", 2)
     attack = ATTACKS.build("inverting_gradients", iterations=8, restarts=2, lr=0.1, tv_weight=1e-2)
     args = dict(labels=[y for _, _, y in cells], generators=[generator(5), generator(6)])
     eager = attack.reconstruct_many([o for o, _, _ in cells], cells[0][1], **args)
     args["generators"] = [generator(5), generator(6)]
-    try:
-        Acceleration(compile="default").apply()
-        compiled = attack.reconstruct_many([o for o, _, _ in cells], cells[0][1], **args)
-    finally:
-        Acceleration().apply()
+    attack.acceleration = Acceleration(compile="default")
+    compiled = attack.reconstruct_many([o for o, _, _ in cells], cells[0][1], **args)
     for a, b in zip(eager, compiled):
         assert abs(a.matching_loss - b.matching_loss) < 1e-4 * max(1.0, a.matching_loss)
         # a signed step flips where a gradient entry is ~0 and rounding differs: rare pixels move by ~lr
@@ -227,9 +224,10 @@ def test_compiled_step_keeps_the_numbers(smooth_batch):
 
 def test_channels_last_keeps_the_numbers_and_the_layout(smooth_batch):
     """``--channels-last`` changes strides only: a BatchNorm pack gives eager fp32's reconstructions,
-    and the candidates really are laid out channels-last while it runs."""
+    and the candidates really are laid out channels-last while it runs; the setting is the attack's
+    own, so another attack built beside it keeps the default layout."""
     from leakbench.attacks import optimize
-    from leakbench.attacks.optimize import Acceleration
+    from leakbench.core import Acceleration
 
     cells = _observations(smooth_batch, "test_tiny", {"norm": "batch", "activation": "relu"}, "train", 2)
     attack = ATTACKS.build("inverting_gradients", iterations=8, restarts=2, lr=0.1, tv_weight=1e-2)
@@ -248,14 +246,18 @@ def test_channels_last_keeps_the_numbers_and_the_layout(smooth_batch):
         return adam_step(self, state, grads, **kw)
 
     try:
-        Acceleration(channels_last=True).apply()
+        attack.acceleration = Acceleration(channels_last=True)
         optimize._Adam.step = spy
         fast = run()
+        seen_fast = list(seen)
+        seen.clear()
+        other = ATTACKS.build("inverting_gradients", iterations=2, restarts=2, lr=0.1, tv_weight=1e-2)
+        other.reconstruct_many([o for o, _, _ in cells], cells[0][1], labels=[y for _, _, y in cells],
+                               generators=[generator(5), generator(6)])
     finally:
         optimize._Adam.step = adam_step
-        Acceleration().apply()
-    assert seen and all(seen)
-    assert optimize.laid_out(torch.ones(1, 1, 3, 4, 4)).is_contiguous()  # default layout restored
+    assert seen_fast and all(seen_fast)
+    assert seen and not any(seen)  # no process-wide state: the other attack runs in the default layout
     for a, b in zip(plain, fast):
         assert abs(a.matching_loss - b.matching_loss) < 1e-4 * max(1.0, a.matching_loss)
         diff = (a.images - b.images).abs()

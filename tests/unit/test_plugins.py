@@ -63,7 +63,7 @@ restarts = 1
 
 
 def test_plugin_victim_and_defense_run_under_the_process_executor(tmp_path, monkeypatch):
-    from leakbench.runner import run_suite
+    from leakbench.running.runner import run_suite
 
     module = "leakbench_test_plugin_demo"
     (tmp_path / "code").mkdir()

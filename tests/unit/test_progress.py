@@ -11,8 +11,8 @@ import pytest
 
 from leakbench.attacks.inverting_gradients import InvertingGradients
 from leakbench.cli import TqdmProgress
-from leakbench.execute import UNITS_WITHOUT_ITERATIONS, RateEstimate, SilentProgress, WorkMeter, planned_iterations
-from leakbench.runner import run_suite
+from leakbench.running.worker import UNITS_WITHOUT_ITERATIONS, RateEstimate, SilentProgress, WorkMeter, planned_iterations
+from leakbench.running.runner import run_suite
 from leakbench.suite import load_suite
 
 IMAGES, ITERATIONS, RESTARTS = 2, 20, 2  # the tiny suite: inverting_gradients (2 restarts), then analytic_fc

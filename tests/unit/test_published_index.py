@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from leakbench import label_study
+from leakbench.programs import label_study
 from leakbench.reports import index
 
 

@@ -6,10 +6,10 @@ import textwrap
 
 import torch
 
-from leakbench import sanity
+from leakbench.running import sanity
 from leakbench.core import Reconstruction, ThreatModel, generator
 from leakbench.fl import PROTOCOLS
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import Store, store_path
 from leakbench.suite import parse_suite
 from leakbench.defenses import DEFENSES

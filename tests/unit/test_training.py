@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from leakbench.data import DATASETS
-from leakbench.runner import run_suite
+from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import ComponentSpec, SuiteError, parse_suite
 from leakbench.victims.training import Recipe, checkpoint_key, load_or_train

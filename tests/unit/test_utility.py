@@ -11,10 +11,12 @@ import textwrap
 import pytest
 import torch
 
-from leakbench import utility
+from leakbench.fl import accuracy as utility
+from leakbench.suite import utility_table
 from leakbench.data import DATASETS
 from leakbench.suite import SuiteError, parse_suite
-from leakbench.utility import UtilitySpec, cell_utility, fl_accuracy
+from leakbench.fl.accuracy import cell_utility, fl_accuracy
+from leakbench.suite.utility_table import UtilitySpec
 
 
 @pytest.fixture(autouse=True)
@@ -163,7 +165,7 @@ def test_cell_utility_reports_a_training_that_cannot_run():
 
 
 def test_smoke_budget_caps_the_rounds():
-    assert suite(budget="smoke").utility.rounds == utility.SMOKE_ROUNDS < 20
+    assert suite(budget="smoke").utility.rounds == utility_table.SMOKE_ROUNDS < 20
     assert suite(UTILITY.replace("rounds = 20", "rounds = 5")).utility.rounds == 5
 
 

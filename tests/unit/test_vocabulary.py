@@ -31,14 +31,15 @@ def test_engine_and_reports_share_one_definition() -> None:
     import importlib
 
     import leakbench.metrics
-    from leakbench import store, suite
+    from leakbench import store
+    from leakbench.suite import loading as suite_loading, types as suite_types
 
     # (the package leakbench.reports exports a function named leaderboard; take the modules)
     leaderboard = importlib.import_module("leakbench.reports.leaderboard")
     compare = importlib.import_module("leakbench.reports.compare")
 
-    assert suite.LeakThreshold is Threshold and leaderboard.Threshold is Threshold
-    assert suite.THRESHOLD_METRICS is THRESHOLD_METRICS and leaderboard.THRESHOLD_METRICS is THRESHOLD_METRICS
+    assert suite_types.LeakThreshold is Threshold and leaderboard.Threshold is Threshold
+    assert suite_loading.THRESHOLD_METRICS is THRESHOLD_METRICS and leaderboard.THRESHOLD_METRICS is THRESHOLD_METRICS
     assert store.STATUSES is STATUSES and leaderboard.STATUSES is STATUSES
     assert leakbench.metrics.PSNR_CAP_DB is PSNR_CAP_DB and leaderboard.PSNR_CAP_DB is PSNR_CAP_DB
     assert compare.METRICS == {"worst_psnr_db": ("worst PSNR (dB)", 1), "worst_ssim": ("worst SSIM", 1),

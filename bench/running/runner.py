@@ -1,5 +1,5 @@
 """The runner, the driver of a run: plans the suite's remaining work as packs
-(``leakbench.execute``), hands them to an executor (``leakbench.executors``) and alone writes the
+(``leakbench.running.worker``), hands them to an executor (``leakbench.running.executors``) and alone writes the
 store, one (cell, attack) per transaction as results come. Resumable: work already in the
 store is skipped.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from leakbench import sanity
-from leakbench.attacks.optimize import Acceleration
-from leakbench.execute import (DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, WorkMeter, plan_packs,
+from leakbench.running import sanity
+from leakbench.core.acceleration import Acceleration
+from leakbench.running.worker import (DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, WorkMeter, plan_packs,
                                planned_iterations)
-from leakbench.executors import EXECUTORS, LocalExecutor, ProcessExecutor
-from leakbench.executors.processes import devices_for
+from leakbench.running.executors import EXECUTORS, LocalExecutor, ProcessExecutor
+from leakbench.running.executors.processes import devices_for
 from leakbench.store import Store, StoreError, check_store, run_lock, store_path
 from leakbench.suite import Suite, dumps
 
@@ -108,8 +108,8 @@ def run_suite(
 ) -> RunSummary:
     """Run every (cell, attack) of ``suite`` that the store under ``out_dir`` does not hold yet.
 
-    The work is planned as packs of cells that share a server model (``leakbench.execute``)
-    and run by ``executor`` (``local``, ``processes`` or ``ray``, see ``leakbench.executors``);
+    The work is planned as packs of cells that share a server model (``leakbench.running.worker``)
+    and run by ``executor`` (``local``, ``processes`` or ``ray``, see ``leakbench.running.executors``);
     only this process writes the store, one (cell, attack) per transaction, as events come.
     ``max_pack`` bounds how many cells a pack holds and how many reconstructions one
     batched attack call advances (1 turns packing off).
@@ -203,7 +203,7 @@ def _executor(name: str, suite: Suite, *, device: torch.device, workers: int | N
                                acceleration=acceleration, progress=progress)
     if name == "ray":
         try:
-            from leakbench.executors.ray import RayExecutor
+            from leakbench.running.executors.ray import RayExecutor
         except ImportError as err:
             raise ValueError(f"--executor ray needs Ray: pip install 'leakbench[ray]' ({err})") from None
         return RayExecutor(suite, device=device, max_pack=max_pack, address=ray_address, workers=workers,

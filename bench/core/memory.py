@@ -1,6 +1,6 @@
 """How much memory a computation takes and how much is free, on a GPU or a Linux CPU.
 
-The runner sizes its packs with these (``leakbench.execute``): a probe's peak bytes (the CUDA
+The runner sizes its packs with these (``leakbench.running.worker``): a probe's peak bytes (the CUDA
 allocator's peak, or on a CPU the process's peak resident set through ``/proc``) against
 the free memory (``torch.cuda.mem_get_info``, or ``MemAvailable`` under any cgroup v2
 limits). Where memory cannot be measured, ``NotMeasured`` says why; the caller then falls

@@ -8,390 +8,25 @@ Raw dicts stop here: the rest of leakbench sees frozen dataclasses.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import tomllib
-import types
 import typing
-from dataclasses import dataclass, field
 from dataclasses import replace as _replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
-from leakbench.core import ParamError, Registry, ThreatModel, did_you_mean, short_hash
-from leakbench.core.frozen import freeze_params, thaw, thaw_params
+from leakbench.core import Registry, ThreatModel, did_you_mean, short_hash
 from leakbench.core.registry import Entry
-from leakbench.core.vocabulary import THRESHOLD_METRICS, Threshold
+from leakbench.core.vocabulary import THRESHOLD_METRICS
+from leakbench.suite.checker import Checker, join_path, parse_component, training_set
+from leakbench.suite.controls import merge_shared_cells, with_control
+from leakbench.suite.types import AttackSpec, Cell, ComponentSpec, LeakThreshold, Suite, SuiteError, VictimSpec
 
 if typing.TYPE_CHECKING:
-    from leakbench.privacy.cells import ReroSpec
-    from leakbench.utility import UtilitySpec
     from leakbench.victims.training import Recipe
-
-
-class SuiteError(ValueError):
-    """A suite that cannot run; ``problems`` lists every (path, message)."""
-
-    def __init__(self, source: str, problems: list[tuple[str, str]]):
-        self.source = source
-        self.problems = problems
-        lines = [f"{source}: {len(problems)} problem(s)"]
-        lines += [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in problems]
-        super().__init__("\n".join(lines))
-
-
-# --------------------------------------------------------------------------- types
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """A registered component with its parameters as given in the suite (defaults filled)."""
-
-    name: str
-    version: str
-    params: tuple[tuple[str, Any], ...] = ()
-    given: tuple[str, ...] = ()  # the parameters the suite set (the rest are defaults)
-
-    def kwargs(self) -> dict[str, Any]:
-        return thaw_params(self.params)
-
-    def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "params": self.kwargs()}
-
-    def label(self) -> str:
-        """Short human-readable form naming the parameters the suite set: ``convnet(width=32)``."""
-        shown = ", ".join(f"{k}={thaw(v)}" for k, v in self.params if k in self.given)
-        return f"{self.name}({shown})" if shown else self.name
-
-
-@dataclass(frozen=True)
-class AttackSpec(ComponentSpec):
-    labels: ComponentSpec = field(default_factory=lambda: ComponentSpec("none", "0"))
-    timeout_s: float | None = None
-    battery: str | None = None  # the battery this attack came from (bench/attacks/battery.py), if any
-
-    def identity(self) -> dict[str, Any]:
-        identity = {**super().identity(), "labels": self.labels.identity(), "timeout_s": self.timeout_s}
-        if self.battery is not None:  # absent for listed attacks, so their keys are what they were
-            identity["battery"] = self.battery
-        return identity
-
-    @property
-    def key(self) -> str:
-        return short_hash(self.identity())
-
-
-@dataclass(frozen=True)
-class VictimSpec(ComponentSpec):
-    """A victim and its training state: ``"init"`` (seeded initialization) or ``"trained"`` under ``recipe``.
-
-    An untrained victim's identity is its component's, so cell keys and seeds of suites
-    without training states are what they were; a trained one adds the state and the
-    whole recipe, so another recipe (fewer epochs under a smoke budget) is another victim.
-    """
-
-    state: str = "init"
-    recipe: Recipe | None = None
-
-    def identity(self) -> dict[str, Any]:
-        if self.recipe is None:
-            return super().identity()
-        return {**super().identity(), "state": self.state, "recipe": self.recipe.identity()}
-
-    def label(self) -> str:
-        base = super().label()
-        return base if self.recipe is None else f"{base} trained[{self.recipe.label()}]"
-
-
-#: The suite's leak threshold (one definition, shared with the reports: leakbench.core.vocabulary).
-LeakThreshold = Threshold
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One client update to attack: (victim, defense, protocol, batch of images, trial)."""
-
-    suite_seed: int
-    case_index: int
-    dataset: ComponentSpec
-    victim: ComponentSpec
-    defense: ComponentSpec
-    protocol: ComponentSpec
-    threat: ThreatModel
-    batch_index: int
-    image_indices: tuple[int, ...]
-    trial: int
-    attacks: tuple[AttackSpec, ...]
-    # Not part of the identity: every case the cell belongs to (cases that share a cell share
-    # its rows; empty for a cell added only as a positive control), whether it is a positive
-    # control (of itself or of other cells), and the keys of its own control's cells and attacks.
-    case_indices: tuple[int, ...] = ()
-    control: bool = False
-    control_cells: tuple[str, ...] = ()
-    control_attacks: tuple[str, ...] = ()
-
-    def identity(self) -> dict[str, Any]:
-        return {
-            "seed": self.suite_seed,
-            "dataset": self.dataset.identity(),
-            "victim": self.victim.identity(),
-            "defense": self.defense.identity(),
-            "protocol": self.protocol.identity(),
-            "threat": {"labels": self.threat.labels, "bn_stats": self.threat.bn_stats},
-            "images": list(self.image_indices),
-            "trial": self.trial,
-        }
-
-    @property
-    def key(self) -> str:
-        return short_hash(self.identity())
-
-    @property
-    def victim_seed_parts(self) -> tuple[Any, ...]:
-        """The server's weights depend on the victim and trial only, so every defense and batch faces the same model."""
-        return (self.suite_seed, "victim", self.victim.identity(), self.trial)
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    description: str
-    seed: int
-    images: int
-    trials: int
-    threat: ThreatModel
-    leak_threshold: LeakThreshold
-    dataset: ComponentSpec
-    cells: tuple[Cell, ...]
-    source_text: str
-    hash: str
-    budget: str = "full"
-    # The [utility] table: a short FL training per (victim, defense, protocol) whose test
-    # accuracy goes into the cells' defense info (leakbench.utility); None without the table.
-    utility: UtilitySpec | None = None
-    # [suite] plugins: modules imported before validation and in every worker (leakbench.plugins)
-    plugins: tuple[str, ...] = ()
-    # The [rero] table: the prior kappa is estimated on (leakbench.privacy.cells); None: the default prior.
-    rero: ReroSpec | None = None
-
-    def work_items(self) -> int:
-        return sum(len(c.attacks) for c in self.cells)
-
-    def case_cells(self) -> tuple[Cell, ...]:
-        """The cells the suite's cases name (without the positive controls leakbench added)."""
-        return tuple(c for c in self.cells if c.case_indices)
-
-    def control_only_cells(self) -> int:
-        """Cells that no case names: added as positive controls of defended or harder cells."""
-        return sum(1 for c in self.cells if not c.case_indices)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def type_matches(value: Any, annotation: Any) -> bool:
-    """Whether a TOML value fits a factory's annotation (int fits float; bool is not a number)."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(type_matches(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (tuple, list, typing.Sequence) or annotation in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if not args:
-            return True
-        item = args[0]
-        return all(type_matches(v, item) for v in value)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-def _coerce(value: Any, annotation: Any) -> Any:
-    """TOML ints given for float parameters become floats, so hashes do not depend on `1` vs `1.0`."""
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType) and float in typing.get_args(annotation):
-        if isinstance(value, int) and not isinstance(value, bool) and int not in typing.get_args(annotation):
-            return float(value)
-    return value
-
-
-class _Checker:
-    """Collects problems with their paths while walking a suite."""
-
-    def __init__(self) -> None:
-        self.problems: list[tuple[str, str]] = []
-
-    # The two helpers a table parsed outside this module needs (leakbench.utility's [utility]
-    # table), offered through the checker it is handed, so that module does not import this one.
-    @staticmethod
-    def join(path: str, key: str | int) -> str:
-        """The TOML path of ``key`` under ``path``."""
-        return _join(path, key)
-
-    def training_set(self, raw: Any, path: str, reg: Mapping[str, Registry], **kwargs):
-        """``training_set`` (below) with this checker collecting the problems."""
-        return training_set(self, raw, path, reg, **kwargs)
-
-    def add(self, path: str, message: str) -> None:
-        self.problems.append((path, message))
-
-    def table(self, raw: Any, path: str, *, allowed: Iterable[str], required: Iterable[str] = ()) -> dict:
-        if not isinstance(raw, dict):
-            self.add(path, f"must be a table, got {type(raw).__name__}")
-            return {}
-        allowed = list(allowed)
-        for key in raw:
-            if key not in allowed:
-                self.add(_join(path, key), f"unknown key{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
-        for key in required:
-            if key not in raw:
-                self.add(_join(path, key), "required key is missing")
-        return raw
-
-    def value(self, raw: Mapping, key: str, path: str, annotation: Any, default: Any, *, check=None, hint: str = ""):
-        if key not in raw:
-            return default
-        value = raw[key]
-        if not type_matches(value, annotation):
-            self.add(_join(path, key), f"must be {_type_name(annotation)}, got {type(value).__name__} {value!r}")
-            return default
-        value = _coerce(value, annotation)
-        if not _finite(value) and _finite(default):
-            self.add(_join(path, key), f"must be a finite number, got {value!r}")
-            return default
-        if check is not None and not check(value):
-            self.add(_join(path, key), f"impossible value {value!r}{': ' + hint if hint else ''}")
-            return default
-        return value
-
-
-def _finite(value: Any) -> bool:
-    """Whether every float in ``value`` (a number, or a list or table of them) is finite (TOML's inf and nan are not)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return all(_finite(v) for v in value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    return True
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _component(
-    checker: _Checker,
-    raw: Any,
-    path: str,
-    registry: Registry,
-    *,
-    reserved: Iterable[str] = (),
-    extra_keys: Iterable[str] = (),
-    probe=None,
-) -> tuple[ComponentSpec | None, dict[str, Any]]:
-    """Validate ``"name"`` or ``{name = ..., param = ...}`` against a registry.
-
-    Returns the spec and the table's extra keys (those in ``extra_keys``). ``probe``
-    builds the component cheaply so that impossible values are found before compute.
-    """
-    if isinstance(raw, str):
-        raw = {"name": raw}
-    if not isinstance(raw, dict):
-        checker.add(path, f"must be a name or a table with a name, got {type(raw).__name__}")
-        return None, {}
-    extra_keys = tuple(extra_keys)
-    extras = {k: raw[k] for k in extra_keys if k in raw}
-    name = raw.get("name")
-    if not isinstance(name, str):
-        checker.add(_join(path, "name"), "required: the name of a registered " + registry.kind)
-        return None, extras
-    if name not in registry:
-        checker.add(_join(path, "name"), registry.unknown_message(name))
-        return None, extras
-    entry: Entry = registry.get(name)
-    params = {k: v for k, v in raw.items() if k != "name" and k not in extra_keys}
-    reserved = tuple(reserved)
-    accepted = entry.parameters(exclude=reserved)
-    ok = True
-    bad: set[str] = set()
-    for key, value in params.items():
-        if key in reserved:
-            checker.add(_join(path, key), "is set by leakbench from the data set, not by the suite")
-            ok = False
-            bad.add(key)
-        elif key not in accepted:
-            allowed = sorted(accepted) + list(extra_keys)
-            checker.add(
-                _join(path, key),
-                f"unknown parameter of {registry.kind} {name!r}{did_you_mean(key, allowed)}; "
-                f"it takes {', '.join(allowed) or 'no parameters'}",
-            )
-            ok = False
-            bad.add(key)
-        elif not type_matches(value, accepted[key].annotation):
-            checker.add(
-                _join(path, key),
-                f"must be {_type_name(accepted[key].annotation)}, got {type(value).__name__} {value!r}",
-            )
-            ok = False
-            bad.add(key)
-        elif not _finite(value) and _finite(accepted[key].default):
-            # inf or nan is meant only where the parameter's own default is one
-            checker.add(_join(path, key), f"must be a finite number, got {value!r}")
-            ok = False
-            bad.add(key)
-        else:
-            params[key] = _coerce(value, accepted[key].annotation)
-    missing = [n for n, p in accepted.items() if p.default is inspect.Parameter.empty and n not in params]
-    for pname in missing:
-        checker.add(_join(path, pname), f"required parameter of {registry.kind} {name!r} is missing")
-    if probe is not None and not missing:
-        # Probe with the well-typed parameters even when others are wrong, so that every
-        # impossible value is reported in the same pass.
-        try:
-            probe(entry, {k: v for k, v in params.items() if k not in bad})
-        except ParamError as err:
-            checker.add(_join(path, err.param), f"impossible value: {err.message}")
-            return None, extras
-        except (ValueError, TypeError) as err:
-            checker.add(path, f"impossible parameters: {err}")
-            return None, extras
-    if not ok or missing:
-        return None, extras
-    full = {**entry.defaults(exclude=reserved), **params}
-    spec = ComponentSpec(name=name, version=entry.version, params=freeze_params(full),
-                         given=tuple(sorted(params)))
-    return spec, extras
-
-
-# --------------------------------------------------------------------------- loading
 
 
 SUITE_KEYS = ("name", "description", "seed", "images", "trials", "leak_threshold", "plugins")
@@ -505,7 +140,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full",
     # Imported here so that `leakbench.suite` stays importable without pulling every component.
     from leakbench import components
 
-    c = _Checker()
+    c = Checker()
     plugins = _plugins(c, raw)  # before the registries are read: plug-ins register components
     reg = components.registries()
     c.budget = budget  # components whose expansion depends on the budget (batteries) read it here
@@ -537,7 +172,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full",
         bn_stats=c.value(tm, "bn_stats", "threat_model", typing.Literal["none", "shared"], "none"),
     )
 
-    dataset_spec, _ = _component(c, raw.get("dataset", {}), "dataset", reg["dataset"])
+    dataset_spec, _ = parse_component(c, raw.get("dataset", {}), "dataset", reg["dataset"])
     dataset = None
     if dataset_spec is not None:
         try:
@@ -556,7 +191,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full",
 
     utility = None
     if "utility" in raw:  # a short FL training per (victim, defense, protocol): accuracy as utility
-        from leakbench.utility import parse_utility
+        from leakbench.suite.utility_table import parse_utility
 
         utility = parse_utility(c, raw["utility"], "utility", reg, dataset=dataset, dataset_spec=dataset_spec,
                                 budget=budget)
@@ -583,28 +218,28 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full",
             continue
         case_trials = c.value(case, "trials", cp, int, trials, check=lambda v: v >= 1, hint="at least one trial")
         c.value(case, "note", cp, str, "")
-        victims = _victims(c, case.get("victim"), _join(cp, "victim"), reg, probe=victim_probe, dataset=dataset,
+        victims = _victims(c, case.get("victim"), join_path(cp, "victim"), reg, probe=victim_probe, dataset=dataset,
                            dataset_spec=dataset_spec)
-        defenses = _one_or_many(c, case.get("defense", "none"), _join(cp, "defense"), reg["defense"],
+        defenses = _one_or_many(c, case.get("defense", "none"), join_path(cp, "defense"), reg["defense"],
                                 probe=_instantiate)
-        protocol, _ = _component(c, case.get("protocol", "fedsgd"), _join(cp, "protocol"), reg["protocol"],
+        protocol, _ = parse_component(c, case.get("protocol", "fedsgd"), join_path(cp, "protocol"), reg["protocol"],
                                  probe=_instantiate)
         case_images = _case_images(c, case, cp, dataset)
         if protocol is not None:
             bs = protocol.kwargs().get("batch_size", 1)
             if case_images is not None:
                 if len(case_images) % bs:
-                    c.add(_join(cp, "images"), f"lists {len(case_images)} images, not a multiple of the protocol's "
+                    c.add(join_path(cp, "images"), f"lists {len(case_images)} images, not a multiple of the protocol's "
                                                f"batch_size {bs}: each cell attacks {bs} consecutive images")
             elif bs > images:
-                c.add(_join(cp, "protocol.batch_size"),
+                c.add(join_path(cp, "protocol.batch_size"),
                       f"batch size {bs} is larger than the {images} images the suite attacks (suite.images)")
         default_labels = case.get("labels", "known" if threat.labels == "known" else "idlg")
         battery = _battery_name(c, case, cp)
         attacks = ()
         if "attacks" in case or battery is None:
-            attacks = _attacks(c, case.get("attacks"), _join(cp, "attacks"), reg, default_labels=default_labels,
-                               labels_path=_join(cp, "labels") if "labels" in case else None, threat=threat)
+            attacks = _attacks(c, case.get("attacks"), join_path(cp, "attacks"), reg, default_labels=default_labels,
+                               labels_path=join_path(cp, "labels") if "labels" in case else None, threat=threat)
         if protocol is not None:
             bs = max(1, protocol.kwargs().get("batch_size", 1))
             batches = (len(case_images) if case_images is not None else images) // bs
@@ -617,17 +252,17 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full",
             with_battery = control_attacks = attacks
             if battery is not None and protocol is not None:
                 bs = protocol.kwargs().get("batch_size", 1)
-                from_battery = _battery_attacks(c, battery, _join(cp, "battery"), reg, victim=v,
+                from_battery = _battery_attacks(c, battery, join_path(cp, "battery"), reg, victim=v,
                                                 batch_size=bs, dataset=dataset, threat=threat)
                 listed = {a.key for a in attacks}
                 repeated = ", ".join(a.label() for a in from_battery if _replace(a, battery=None).key in listed)
                 if repeated and v is victims[0]:
-                    c.add(_join(cp, "attacks"), f"repeats attack(s) of the case's battery at {_join(cp, 'battery')} "
+                    c.add(join_path(cp, "attacks"), f"repeats attack(s) of the case's battery at {join_path(cp, 'battery')} "
                                                 f"({repeated}); delete them from the list, the battery runs them")
                 with_battery = attacks + from_battery
                 # the positive control runs the same battery at batch size 1 (resolved for it)
                 control_attacks = with_battery if bs == 1 else attacks + _battery_attacks(
-                    c, battery, _join(cp, "battery"), reg, victim=v, batch_size=1, dataset=dataset, threat=threat)
+                    c, battery, join_path(cp, "battery"), reg, victim=v, batch_size=1, dataset=dataset, threat=threat)
             for d in defenses:
                 if protocol is not None:
                     expanded.append((i, v, d, protocol, with_battery, case_trials, case_images, control_attacks))
@@ -678,7 +313,7 @@ def _validate(raw: dict, *, text: str, source: str, budget: str = "full",
     )
 
 
-def _plugins(c: _Checker, raw: Mapping) -> tuple[str, ...]:
+def _plugins(c: Checker, raw: Mapping) -> tuple[str, ...]:
     """``[suite] plugins``: module names to import first (``leakbench.plugins``); each failure is a problem."""
     from leakbench.plugins import PluginError, import_plugins
 
@@ -697,94 +332,7 @@ def _plugins(c: _Checker, raw: Mapping) -> tuple[str, ...]:
     return tuple(names)
 
 
-# --------------------------------------------------------------------------- positive controls
-
-
-CONTROL_DEFENSE = "none"
-CONTROL_PROTOCOL = "fedsgd"
-# Protocols whose server weights and update leakbench cannot replay without the defense (a
-# recorded client's update): their cells get no positive control, and certify says so.
-NO_CONTROL_PROTOCOLS = ("recorded",)
-
-
-def is_control_form(defense: ComponentSpec, protocol: ComponentSpec) -> bool:
-    """Undefended FedSGD of one client at batch size 1: the easiest case, its own positive control."""
-    params = protocol.kwargs()
-    return (defense.name == CONTROL_DEFENSE and protocol.name == CONTROL_PROTOCOL
-            and params.get("batch_size", 1) == 1 and params.get("clients", 1) == 1)
-
-
-def control_protocol(protocol: ComponentSpec, reg: Mapping[str, Registry]) -> ComponentSpec:
-    """FedSGD at batch size 1 for one client, in the BatchNorm mode of ``protocol`` where it has one."""
-    raw: dict[str, Any] = {"name": CONTROL_PROTOCOL, "batch_size": 1}
-    bn_mode = protocol.kwargs().get("bn_mode")
-    if bn_mode is not None:
-        raw["bn_mode"] = bn_mode
-    spec, _ = _component(_Checker(), raw, "", reg["protocol"])
-    assert spec is not None, "the control protocol must validate"
-    return spec
-
-
-def with_control(cell: Cell, reg: Mapping[str, Registry], *, control_attacks: tuple[AttackSpec, ...],
-                 pool: Sequence[int]) -> tuple[Cell, list[Cell]]:
-    """The cell with its positive control named, and the control's cells (none when it is its own).
-
-    A control has the cell's victim (same weights: they depend on the victim and trial only),
-    dataset, threat model and trial, no defense, and FedSGD at batch size 1: one cell per image
-    of the cell, attacked by the same attacks (a battery resolved for batch size 1).
-    """
-    from dataclasses import replace
-
-    if is_control_form(cell.defense, cell.protocol):
-        return replace(cell, control=True, control_cells=(cell.key,),
-                       control_attacks=tuple(a.key for a in cell.attacks)), []
-    if cell.protocol.name in NO_CONTROL_PROTOCOLS:
-        return cell, []
-    defense, _ = _component(_Checker(), CONTROL_DEFENSE, "", reg["defense"])
-    assert defense is not None
-    protocol = control_protocol(cell.protocol, reg)
-    controls = []
-    for image in cell.image_indices:
-        control = Cell(
-            suite_seed=cell.suite_seed, case_index=cell.case_index, dataset=cell.dataset, victim=cell.victim,
-            defense=defense, protocol=protocol, threat=cell.threat, batch_index=list(pool).index(image),
-            image_indices=(image,), trial=cell.trial, attacks=control_attacks, case_indices=(), control=True,
-        )
-        controls.append(replace(control, control_cells=(control.key,),
-                                control_attacks=tuple(a.key for a in control_attacks)))
-    return replace(cell, control_cells=tuple(c.key for c in controls),
-                   control_attacks=tuple(a.key for a in control_attacks)), controls
-
-
-def merge_shared_cells(cells: Iterable[Cell]) -> list[Cell]:
-    """One cell per key, in first-seen order: cases (and controls) that name the same cell share it.
-
-    The merged cell runs the union of the attacks, remembers every case it belongs to, and is a
-    control when any of its namings is one.
-    """
-    from dataclasses import replace
-
-    merged: dict[str, Cell] = {}
-    for cell in cells:
-        key = cell.key
-        old = merged.get(key)
-        if old is None:
-            merged[key] = cell
-            continue
-        known = {a.key for a in old.attacks}
-        cases = tuple(sorted(set(old.case_indices) | set(cell.case_indices)))
-        merged[key] = replace(
-            old, attacks=old.attacks + tuple(a for a in cell.attacks if a.key not in known),
-            case_index=cases[0] if cases else old.case_index,  # a control-only cell keeps its first case's place
-            case_indices=cases,
-            control=old.control or cell.control,
-            control_cells=tuple(dict.fromkeys(old.control_cells + cell.control_cells)),
-            control_attacks=tuple(dict.fromkeys(old.control_attacks + cell.control_attacks)),
-        )
-    return list(merged.values())
-
-
-def _duplicate_case(c: _Checker, case: Mapping, cp: str, earlier: list) -> None:
+def _duplicate_case(c: Checker, case: Mapping, cp: str, earlier: list) -> None:
     """A ``[[case]]`` table equal to an earlier one would add the same cells twice, merged without a word."""
     for k, other in enumerate(earlier):
         if isinstance(other, dict) and dumps(other) == dumps(case):
@@ -792,7 +340,7 @@ def _duplicate_case(c: _Checker, case: Mapping, cp: str, earlier: list) -> None:
             return
 
 
-def _duplicate_attacks(c: _Checker, specs: list[tuple[str, "AttackSpec"]], where: str) -> None:
+def _duplicate_attacks(c: Checker, specs: list[tuple[str, "AttackSpec"]], where: str) -> None:
     """Two attacks of a case with the same identity would run (and count) twice for one stored result."""
     seen: dict[str, str] = {}
     for ap, spec in specs:
@@ -803,7 +351,7 @@ def _duplicate_attacks(c: _Checker, specs: list[tuple[str, "AttackSpec"]], where
             seen[spec.key] = ap
 
 
-def _case_images(c: _Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...] | None:
+def _case_images(c: Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...] | None:
     """A case's ``images``: the data-set indices its cells attack, in order, instead of the suite's seeded choice.
 
     For updates whose images are fixed elsewhere (a recorded client's, ``leakbench.flower``):
@@ -811,7 +359,7 @@ def _case_images(c: _Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...
     """
     if "images" not in case:
         return None
-    path = _join(cp, "images")
+    path = join_path(cp, "images")
     raw = case["images"]
     if not isinstance(raw, list) or not raw or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
         c.add(path, f"must be a non-empty list of data-set indices (ints), got {raw!r}")
@@ -827,19 +375,19 @@ def _case_images(c: _Checker, case: Mapping, cp: str, dataset) -> tuple[int, ...
     return tuple(raw)
 
 
-def _one_or_many(c: _Checker, raw: Any, path: str, registry: Registry, **kw) -> list[ComponentSpec]:
+def _one_or_many(c: Checker, raw: Any, path: str, registry: Registry, **kw) -> list[ComponentSpec]:
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         c.add(path, "an empty list names nothing to run")
     specs = []
     for j, item in enumerate(items):
-        spec, _ = _component(c, item, _join(path, j) if isinstance(raw, list) else path, registry, **kw)
+        spec, _ = parse_component(c, item, join_path(path, j) if isinstance(raw, list) else path, registry, **kw)
         if spec is not None:
             specs.append(spec)
     return specs
 
 
-def _victims(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, probe, dataset,
+def _victims(c: Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, probe, dataset,
              dataset_spec: ComponentSpec | None) -> list[VictimSpec]:
     """One victim or a list (a sweep); each may carry ``state`` and, when trained, a ``recipe`` table."""
     items = raw if isinstance(raw, list) else [raw]
@@ -847,8 +395,8 @@ def _victims(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, p
         c.add(path, "an empty list names nothing to run")
     specs = []
     for j, item in enumerate(items):
-        vp = _join(path, j) if isinstance(raw, list) else path
-        spec, extras = _component(c, item, vp, reg["victim"], reserved=reg["victim_context"],
+        vp = join_path(path, j) if isinstance(raw, list) else path
+        spec, extras = parse_component(c, item, vp, reg["victim"], reserved=reg["victim_context"],
                                   extra_keys=VICTIM_EXTRA_KEYS, probe=probe)
         state = c.value(extras, "state", vp, str, None, check=lambda v: v in VICTIM_STATES,
                         hint="one of " + ", ".join(VICTIM_STATES))
@@ -857,22 +405,22 @@ def _victims(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, p
         state = state or "init"
         recipe = None
         if state == "trained" and "recipe" not in extras:
-            c.add(_join(vp, "recipe"), 'required with state = "trained": a table stating how the victim is trained, '
+            c.add(join_path(vp, "recipe"), 'required with state = "trained": a table stating how the victim is trained, '
                                        'e.g. { dataset = { name = "photos", split = "public" }, epochs = 20 }')
             continue
         if state != "trained" and "recipe" in extras:
-            c.add(_join(vp, "state"), 'a recipe trains the victim: set state = "trained", or drop the recipe to '
+            c.add(join_path(vp, "state"), 'a recipe trains the victim: set state = "trained", or drop the recipe to '
                                       'attack the seeded initialization')
             continue
         if state == "trained":
-            recipe = _recipe(c, extras["recipe"], _join(vp, "recipe"), reg, dataset=dataset, dataset_spec=dataset_spec)
+            recipe = _recipe(c, extras["recipe"], join_path(vp, "recipe"), reg, dataset=dataset, dataset_spec=dataset_spec)
         if spec is not None and (state == "init" or recipe is not None):
             specs.append(VictimSpec(name=spec.name, version=spec.version, params=spec.params, given=spec.given,
                                     state=state, recipe=recipe))
     return specs
 
 
-def _recipe(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, dataset,
+def _recipe(c: Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, dataset,
             dataset_spec: ComponentSpec | None) -> Recipe | None:
     """A training recipe. Its data set gets the attacked set's side and must match its classes and channels,
     and differ from it: test accuracy is measured on the attacked images, which training must not see."""
@@ -884,10 +432,10 @@ def _recipe(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, da
     hints = typing.get_type_hints(Recipe)
     values = {k: c.value(t, k, path, hints[k], None) for k in keys if k != "dataset" and k in t}
     for key, message in recipe_problems({k: v for k, v in values.items() if v is not None}):
-        c.add(_join(path, key), f"impossible value: {message}")
+        c.add(join_path(path, key), f"impossible value: {message}")
     train = params = None
     if "dataset" in t:
-        dp = _join(path, "dataset")
+        dp = join_path(path, "dataset")
         train, params, _ = training_set(c, t["dataset"], dp, reg, dataset=dataset, dataset_spec=dataset_spec,
                                         purpose="a victim is trained for the attacked data set's classes",
                                         same_images="the recipe trains on the attacked images themselves; test "
@@ -897,33 +445,7 @@ def _recipe(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, da
     return Recipe(dataset=train.name, dataset_params=params, dataset_version=train.version, **values)
 
 
-def training_set(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, dataset, dataset_spec,
-                 purpose: str, same_images: str):
-    """A training data set named at ``path`` (a recipe's, the [utility] table's): its spec, the
-    parameters it is built with (the attacked set's side), and the set itself; None where it
-    cannot be built, has other classes or channels than the attacked set (``purpose`` says
-    why that matters), or is the attacked images themselves (``same_images``)."""
-    train, _ = _component(c, raw, path, reg["dataset"], reserved=("side",))
-    if train is None or dataset is None or dataset_spec is None:
-        return train, None, None
-    params = train.kwargs()
-    if "side" in reg["dataset"].get(train.name).parameters():
-        params["side"] = dataset.side
-    try:
-        train_set = reg["dataset"].build(train.name, **params)
-    except (OSError, ValueError) as err:
-        c.add(path, f"cannot build the training set: {err}")
-        return train, params, None
-    if (train_set.num_classes, train_set.channels) != (dataset.num_classes, dataset.channels):
-        c.add(path, f"{train_set.name} has {train_set.num_classes} classes and {train_set.channels} "
-                    f"channel(s), the attacked data set {dataset.num_classes} and {dataset.channels}; {purpose}")
-    if train.name == dataset_spec.name and params == dataset_spec.kwargs():
-        c.add(path, f"{same_images}, so train on a disjoint split (photos: split = \"public\"; cifar10: "
-                    "split = \"train\")")
-    return train, params, train_set
-
-
-def _battery_name(c: _Checker, case: Mapping, cp: str) -> str | None:
+def _battery_name(c: Checker, case: Mapping, cp: str) -> str | None:
     """The case's ``battery`` (a known name) or None; a case needs attacks, a battery, or both (``_attacks``)."""
     from leakbench.attacks.battery import battery_names
 
@@ -931,13 +453,13 @@ def _battery_name(c: _Checker, case: Mapping, cp: str) -> str | None:
         return None
     name = c.value(case, "battery", cp, str, None)
     if name is not None and name not in battery_names():
-        c.add(_join(cp, "battery"), f"unknown battery {name!r}{did_you_mean(name, battery_names())}; "
+        c.add(join_path(cp, "battery"), f"unknown battery {name!r}{did_you_mean(name, battery_names())}; "
                                     f"known: {', '.join(battery_names())}")
         return None
     return name
 
 
-def _battery_attacks(c: _Checker, name: str, path: str, reg: Mapping[str, Registry], *, victim: ComponentSpec,
+def _battery_attacks(c: Checker, name: str, path: str, reg: Mapping[str, Registry], *, victim: ComponentSpec,
                      batch_size: int, dataset, threat: ThreatModel) -> tuple[AttackSpec, ...]:
     """A battery's attacks for one victim, validated like listed ones; the budget may swap the battery (smoke)."""
     from dataclasses import replace
@@ -960,7 +482,7 @@ def _battery_attacks(c: _Checker, name: str, path: str, reg: Mapping[str, Regist
     return tuple(replace(s, battery=effective_battery(name, budget=budget)) for s in specs)
 
 
-def _attacks(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, default_labels: Any,
+def _attacks(c: Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, default_labels: Any,
              labels_path: str | None, threat: ThreatModel) -> tuple[AttackSpec, ...]:
     if not isinstance(raw, list) or not raw:
         from leakbench.attacks.battery import battery_names
@@ -970,11 +492,11 @@ def _attacks(c: _Checker, raw: Any, path: str, reg: Mapping[str, Registry], *, d
         return ()
     specs, paths = [], []
     for j, item in enumerate(raw):
-        ap = _join(path, j)
-        spec, extras = _component(c, item, ap, reg["attack"], extra_keys=ATTACK_EXTRA_KEYS, probe=_instantiate)
+        ap = join_path(path, j)
+        spec, extras = parse_component(c, item, ap, reg["attack"], extra_keys=ATTACK_EXTRA_KEYS, probe=_instantiate)
         labels_raw = extras.get("labels", default_labels)
-        lp = _join(ap, "labels") if "labels" in extras else (labels_path or _join(ap, "labels"))
-        labels_spec, _ = _component(c, labels_raw, lp, reg["labels"], probe=_instantiate)
+        lp = join_path(ap, "labels") if "labels" in extras else (labels_path or join_path(ap, "labels"))
+        labels_spec, _ = parse_component(c, labels_raw, lp, reg["labels"], probe=_instantiate)
         if labels_spec is not None and labels_spec.name == "known" and threat.labels != "known":
             c.add(lp, "label strategy 'known' reads the client's true labels, which the threat model does not "
                       "grant; set [threat_model] labels = \"known\" (an oracle setting shown in every report) "

@@ -8,7 +8,7 @@ written from the first attempt stay and are not written twice (the driver skips 
 
 Progress is live: a worker sends its attack calls' iterations and task descriptions through
 the same queue (at most every ``PROGRESS_S`` per worker, and every call's last report), and
-the driver hands them to the run's Progress (``leakbench.execute.WorkMeter``), so the bar
+the driver hands them to the run's Progress (``leakbench.running.worker.WorkMeter``), so the bar
 moves while packs run, not only when their rows come.
 """
 
@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from leakbench.execute import AttackEvent, Event, Pack, Progress, SilentProgress
+from leakbench.running.worker import AttackEvent, Event, Pack, Progress, SilentProgress
 from leakbench.suite import Suite
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, 
                  acceleration=None, memory_share: float = 1.0) -> None:
     import signal
 
-    from leakbench.execute import Worker
+    from leakbench.running.worker import Worker
 
     # Ctrl-C reaches the whole process group: the driver alone handles it (it keeps the finished
     # rows and ends the workers at once), so a worker neither prints a traceback nor finishes its pack

@@ -2,7 +2,7 @@
 
 A suite cell with ``protocol = { name = "recorded", recording = DIR, round = R,
 client = CID, batch_size = N }`` attacks what client CID sent in round R of a recorded
-Flower run (``leakbench.flower.recording``), exactly as the server received it:
+Flower run (``leakbench.fl.recording``), exactly as the server received it:
 
 - the attacker's model is the victim with the parameters the server sent that client
   loaded into it (matched by name; the victim's buffers that the recording lacks keep
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from leakbench.core import Batch, Defense, Observation, ParamError, ThreatModel
-from leakbench.fl import PROTOCOLS, Protocol
-from leakbench.flower.recording import RecordingError, RoundRecord, load_round, round_path, round_fingerprint
+from leakbench.fl.protocols import PROTOCOLS, Protocol
+from leakbench.fl.recording import RecordingError, RoundRecord, load_round, round_path, round_fingerprint
 
 _HEX = re.compile(r"^[0-9a-f]{12,64}$")
 MIN_FINGERPRINT = 12

@@ -23,7 +23,7 @@ suite; label accuracy is the multiset overlap of ``leakbench.metrics``.
 It lives in ``bench`` rather than ``leakbench.attacks`` because it builds data, victims and
 client updates, which attacks must not import. Usage::
 
-    python -m leakbench.label_study --batch-sizes 1,8,32,128 --trials 3 [--trained] [--out study.json]
+    python -m leakbench.programs.label_study --batch-sizes 1,8,32,128 --trials 3 [--trained] [--out study.json]
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def write_outputs(rows: Sequence[StudyRow], out_dir, *, meta: dict) -> list[str]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m leakbench.label_study", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m leakbench.programs.label_study", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="photos", choices=sorted(TRAIN_SPLITS))
     parser.add_argument("--victims", default="lenet,convnet")
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         given = list(argv if argv is not None else sys.argv[1:])
         kept = [a for i, a in enumerate(given) if not a.startswith("--out")
                 and not (i and given[i - 1] in ("--out", "--out-dir"))]
-        command = "python -m leakbench.label_study " + " ".join(kept)
+        command = "python -m leakbench.programs.label_study " + " ".join(kept)
         meta = {"dataset": args.dataset, "trials": args.trials, "seed": args.seed, "states": states,
                 "command": command, "seconds": seconds,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}

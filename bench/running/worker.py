@@ -1,7 +1,7 @@
 """What a worker does with a pack of cells: the client updates, the battery, the scores.
 
 No store here. The runner (the driver) plans packs (``plan_packs``), hands them to an
-executor (``leakbench.executors``: in this process, one process per GPU, or Ray), and writes
+executor (``leakbench.running.executors``: in this process, one process per GPU, or Ray), and writes
 the events a worker yields back into the store, one (cell, attack) at a time; so whatever
 runs the work, the store, resume and crash rules stay the driver's.
 
@@ -39,8 +39,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leakbench import components, memory, sanity
-from leakbench.attacks.optimize import Acceleration
+from leakbench import components
+from leakbench.core import memory
+from leakbench.running import sanity
+from leakbench.core.acceleration import Acceleration
 from leakbench.core import AttackTimeout, Batch, ThreatModelError, derive_seed, generator
 from leakbench.fl import utility_cost
 from leakbench.metrics import get_lpips, score
@@ -320,7 +322,7 @@ class Worker:
         """``memory_share``: the part of the device's free memory this worker plans for (1/N for N
         workers on one device, so that together they stay within the headroom)."""
         self.acceleration = acceleration or Acceleration()
-        self.acceleration.apply()
+        self.acceleration.apply_backend_flags()  # TF32: torch's own process-wide switch
         self.suite = suite
         self.device = device
         self.max_pack = max(1, int(max_pack))
@@ -421,7 +423,7 @@ class Worker:
         if getattr(self.suite, "utility", None) is None or not cell.case_indices:
             return {}  # a cell added only as a positive control is evidence for attacks, not a utility row
         try:
-            from leakbench.utility import cell_utility
+            from leakbench.fl.accuracy import cell_utility
 
             return cell_utility(self.suite, cell, self.dataset, device=self.device)
         except Exception as err:  # a missing utility number must not cost the cell its attacks
@@ -436,6 +438,7 @@ class Worker:
         reg = components.registries()
         try:
             attack = reg["attack"].build(spec.name, **spec.kwargs())
+            attack.acceleration = self.acceleration
         except Exception as err:
             attack, build_error = None, f"{type(err).__name__}: {err}"
         else:
@@ -532,7 +535,7 @@ class Worker:
             return limit, source
         sizes = sorted({limit >> i for i in range(limit.bit_length()) if limit >> i >= 1})
         try:
-            per = {k: _iteration_seconds(spec, sample, k, self.device) / k for k in sizes}
+            per = {k: _iteration_seconds(spec, sample, k, self.device, self.acceleration) / k for k in sizes}
         except Exception as err:
             memory.release(self.device)
             return limit, f"{source}; not timed ({type(err).__name__}: {memory.first_line(err)})"
@@ -543,7 +546,7 @@ class Worker:
 
     def _measured_limit(self, spec: AttackSpec, sample: _Prepared) -> tuple[int, str]:
         try:
-            per = _probe_memory(spec, sample, self.device)
+            per = _probe_memory(spec, sample, self.device, self.acceleration)
             free = memory.free_bytes(self.device)
         except memory.NotMeasured as err:
             reason = str(err)
@@ -591,13 +594,15 @@ class _CallProgress:
             self._work(self.runs, done, total)
 
 
-def _probe_memory(spec: AttackSpec, sample: _Prepared, device: torch.device) -> int:
+def _probe_memory(spec: AttackSpec, sample: _Prepared, device: torch.device,
+                  acceleration: Acceleration | None = None) -> int:
     """Peak bytes of one reconstruction of ``spec`` over two iterations, above what is in use now
-    (``leakbench.memory.peak_bytes``); raises ``NotMeasured`` where memory cannot be measured."""
-    return memory.peak_bytes(_probe_run(spec, sample), device)
+    (``leakbench.core.memory.peak_bytes``); raises ``NotMeasured`` where memory cannot be measured."""
+    return memory.peak_bytes(_probe_run(spec, sample, acceleration=acceleration), device)
 
 
-def _iteration_seconds(spec: AttackSpec, sample: _Prepared, copies: int, device: torch.device) -> float:
+def _iteration_seconds(spec: AttackSpec, sample: _Prepared, copies: int, device: torch.device,
+                       acceleration: Acceleration | None = None) -> float:
     """Seconds per iteration of a pack of ``copies`` reconstructions of ``sample``: iterations 2 and 3
     of a three-iteration run (the first carries the call's set-up)."""
     stamps: dict[int, float] = {}
@@ -607,20 +612,23 @@ def _iteration_seconds(spec: AttackSpec, sample: _Prepared, copies: int, device:
             torch.cuda.synchronize(device)
         stamps[done] = time.perf_counter()
 
-    _probe_run(spec, sample, copies=copies, iterations=3, progress=tick)()
+    _probe_run(spec, sample, copies=copies, iterations=3, progress=tick, acceleration=acceleration)()
     if not {1, 3} <= stamps.keys():
         raise RuntimeError(f"{spec.name} did not report its iterations")
     return (stamps[3] - stamps[1]) / 2
 
 
 def _probe_run(spec: AttackSpec, sample: _Prepared, *, copies: int = 1, iterations: int = 2,
-               progress: Callable[[int, int], None] | None = None) -> Callable[[], object]:
+               progress: Callable[[int, int], None] | None = None,
+               acceleration: Acceleration | None = None) -> Callable[[], object]:
     """The probe: ``spec``'s attack cut to ``iterations``, ready to reconstruct ``copies`` of ``sample`` as one pack."""
     reg = components.registries()
     params = spec.kwargs()
     if "iterations" in reg["attack"].get(spec.name).parameters():
         params = {**params, "iterations": iterations}
     probe = reg["attack"].build(spec.name, **params)
+    if acceleration is not None:
+        probe.acceleration = acceleration
     labels = sample.batch.labels if probe.uses_labels else None
     return lambda: probe.reconstruct_many([sample.observation] * copies, sample.client_model,
                                           labels=[labels] * copies, generators=[generator(i) for i in range(copies)],

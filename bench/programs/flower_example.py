@@ -1,6 +1,6 @@
 """A real Flower federation on loopback, recorded by the server and audited by leakbench.
 
-    python -m leakbench.flower.example --out DIR [--budget smoke]
+    python -m leakbench.programs.flower_example --out DIR [--budget smoke]
 
 1. Starts a Flower server (``flwr.server.start_server``, wrapped in ``RecordingStrategy``)
    and two Flower clients (``start_client``), each in its own process, on 127.0.0.1. Each
@@ -10,7 +10,7 @@
 3. This harness, which alone knows which images each client had (its ground truth for
    scoring), writes ``DIR/suite.toml``: one case per client of the audited round, with
    ``protocol = "recorded"`` and ``images`` = the client's images, and the battery.
-4. Runs it with ``leakbench.runner.run_suite`` into ``DIR`` and writes the leaderboards and
+4. Runs it with ``leakbench.running.runner.run_suite`` into ``DIR`` and writes the leaderboards and
    ``DIR/report.html``, as ``leakbench run`` does.
 
 The server process never sees the clients' images or indices; the audit reads the
@@ -61,7 +61,7 @@ class Settings:
     timeout_s: float = 300.0
 
     def stated_protocol(self):
-        from leakbench.flower.recording import StatedProtocol
+        from leakbench.fl.recording import StatedProtocol
 
         return StatedProtocol(kind=self.protocol, lr=self.lr, local_epochs=self.local_epochs,
                               local_batch_size=self.local_batch_size or None, bn_mode="train")
@@ -124,7 +124,7 @@ def serve(spec: dict) -> None:
     from flwr.server import ServerConfig, start_server
     from flwr.server.strategy import FedAvg
 
-    from leakbench.flower.recording import StatedProtocol
+    from leakbench.fl.recording import StatedProtocol
     from leakbench.flower.strategy import RecordingStrategy, parameter_names
 
     model = _victim(spec, seed=spec["seed"])
@@ -209,7 +209,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def federate(settings: Settings, *, out: Path, client_indices: Sequence[Sequence[int]]) -> Path:
     """Run the server and the clients as processes on loopback; the recording's folder."""
-    from leakbench.flower.recording import recorded_rounds, round_path
+    from leakbench.fl.recording import recorded_rounds, round_path
 
     out = Path(out)
     recording = out / "recording"
@@ -233,7 +233,7 @@ def federate(settings: Settings, *, out: Path, client_indices: Sequence[Sequence
             spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
             with open(logs / f"{role}.log", "wb") as log_file:
                 procs[role] = subprocess.Popen(
-                    [sys.executable, "-m", "leakbench.flower.example", role.split("-")[0], "--spec", str(spec_path)],
+                    [sys.executable, "-m", "leakbench.programs.flower_example", role.split("-")[0], "--spec", str(spec_path)],
                     stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=root)
         deadline = time.monotonic() + settings.timeout_s
         while True:
@@ -304,13 +304,13 @@ def _toml_str(value: str) -> str:
 def write_suite(path: Path, settings: Settings, *, recording: Path, client_images: dict[str, list[int]],
                 partitions: dict[str, int]) -> Path:
     """The audit suite: one case per recorded client of the audited round, scored against its images."""
-    from leakbench.flower.recording import round_fingerprint
+    from leakbench.fl.recording import round_fingerprint
 
     fingerprint = round_fingerprint(recording, settings.audit_round)[:16]
     description = (f"{len(client_images)} Flower clients ({settings.protocol}, lr {settings.lr:g}) on {DATASET}, "
                    f"round {settings.audit_round}, recorded by the server")
     lines = [
-        "# Written by `python -m leakbench.flower.example`: audits what the Flower clients sent in round "
+        "# Written by `python -m leakbench.programs.flower_example`: audits what the Flower clients sent in round "
         f"{settings.audit_round}.",
         "# `images` lists each client's images, known to this test harness only: the runner scores against them,",
         "# no attack sees them (the observation comes from the recording alone).",
@@ -348,8 +348,8 @@ def run_example(settings: Settings, *, out: str | Path, device: str = "auto", pr
     from leakbench import reports
     from leakbench.core import derive_seed
     from leakbench.data import DATASETS, select_indices
-    from leakbench.flower.recording import load_round
-    from leakbench.runner import run_suite
+    from leakbench.fl.recording import load_round
+    from leakbench.running.runner import run_suite
     from leakbench.store import store_path
     from leakbench.suite import load_suite
 
@@ -379,7 +379,7 @@ def run_example(settings: Settings, *, out: str | Path, device: str = "auto", pr
     t1 = time.monotonic()
     suite = load_suite(suite_path, budget=settings.budget)
     summary = run_suite(suite, out_dir=out, device=device, progress=progress,
-                        argv=" ".join(["python", "-m", "leakbench.flower.example", "--out", str(out)]))
+                        argv=" ".join(["python", "-m", "leakbench.programs.flower_example", "--out", str(out)]))
     paths = reports.write_reports(summary.store, out, suite_hash=suite.hash)
     return ExampleResult(out=out, recording=recording, suite=suite_path, store=store_path(out), suite_hash=suite.hash,
                          client_images=client_images, federation_s=federation_s, audit_s=time.monotonic() - t1,
@@ -399,7 +399,7 @@ def _progress(quiet: bool):
 
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m leakbench.flower.example",
+    p = argparse.ArgumentParser(prog="python -m leakbench.programs.flower_example",
                                 description="Run a real Flower server and two clients on loopback, record round "
                                             "updates on the server, and audit them with leakbench.")
     p.add_argument("role", nargs="?", default="example", choices=("example", "server", "client"),

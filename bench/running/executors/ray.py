@@ -14,14 +14,14 @@ within the same bound, then the run stops with the error.
 
 Workers need the same leakbench (and torch) as the driver, the data roots the suite names,
 and the caches: ``LEAKBENCH_CACHE``, ``TORCH_HOME`` and ``XDG_CACHE_HOME`` are passed to
-them when set on the driver. A worker process keeps one ``leakbench.execute.Worker`` (data
+them when set on the driver. A worker process keeps one ``leakbench.running.worker.Worker`` (data
 set, server model, LPIPS) between the packs of a run; GPU tasks get a fresh process per
 pack (Ray's default for GPU tasks, so each holds exactly its GPU and frees its memory).
 
 Progress is live: the tasks put their attack calls' iterations and task descriptions on a Ray
 queue (``ray.util.queue.Queue``, an actor that holds no CPU; at most every ``PROGRESS_S`` per
 task, and every call's last report), which the driver drains while it waits for the tasks and
-hands to the run's Progress (``leakbench.execute.WorkMeter``). The rows still come per pack,
+hands to the run's Progress (``leakbench.running.worker.WorkMeter``). The rows still come per pack,
 when its task returns; a run whose live reports were lost (a queue that could not be reached)
 is filled to its full share when its rows come, so the bar's total stays right.
 """
@@ -43,9 +43,9 @@ import ray
 import ray.exceptions
 import torch
 
-from leakbench.attacks.optimize import Acceleration
-from leakbench.execute import AttackEvent, Event, Pack, Progress, SilentProgress
-from leakbench.executors.processes import WorkerLost
+from leakbench.core.acceleration import Acceleration
+from leakbench.running.worker import AttackEvent, Event, Pack, Progress, SilentProgress
+from leakbench.running.executors.processes import WorkerLost
 from leakbench.suite import Suite
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _run_pack(suite: Suite, pack: Pack, device_kind: str, max_pack: int, acceler
               threads: int, progress_queue=None, attempt: int = 1) -> tuple[dict[str, Any], list[Event]]:
     """The Ray task: every event of ``pack``, with where it ran. Module level, so Ray pickles
     it by reference and the worker imports this module (and keeps ``_WORKER``)."""
-    from leakbench.execute import Worker
+    from leakbench.running.worker import Worker
 
     if threads:
         torch.set_num_threads(threads)

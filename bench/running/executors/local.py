@@ -6,8 +6,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from leakbench.attacks.optimize import Acceleration, acceleration
-from leakbench.execute import Event, Pack, Progress, SilentProgress, Worker
+from leakbench.core.acceleration import Acceleration, backend_flags, restore_backend_flags
+from leakbench.running.worker import Event, Pack, Progress, SilentProgress, Worker
 from leakbench.suite import Suite
 
 
@@ -26,11 +26,11 @@ class LocalExecutor:
         return f"local ({self.device.type}, packs of up to {self.max_pack})"
 
     def events(self, packs: Iterable[Pack]) -> Iterator[tuple[Pack, Event]]:
-        before = acceleration()  # the speed-ups are process-wide: a library caller gets its own back
+        before = backend_flags()  # TF32 is torch's process-wide switch: a library caller gets its own back
         try:
             worker = Worker(self.suite, device=self.device, max_pack=self.max_pack, acceleration=self.acceleration)
             for pack in packs:
                 for event in worker.run_pack(pack, self.progress):
                     yield pack, event
         finally:
-            before.apply()
+            restore_backend_flags(before)
