@@ -22,11 +22,11 @@ log = logging.getLogger("leakbench")
 
 
 class TqdmProgress:
-    """A progress bar over reconstruction-iterations (``leakbench.running.worker.planned_iterations``: each
+    """A progress bar over reconstruction-iterations (``leakbench.running.progress.planned_iterations``: each
     (cell, attack) run's restarts x iterations; one unit for attacks without iterations), moved as
     the attacks iterate, with the current call (a pack's cells included) and its iterations in its
     postfix. Work already in the store starts the bar as done; the rate and time left are the
-    average since the first iteration (``leakbench.running.worker.RateEstimate``)."""
+    average since the first iteration (``leakbench.running.progress.RateEstimate``)."""
 
     def __init__(self, *, enabled: bool, file=None):
         self.enabled = enabled
@@ -38,7 +38,7 @@ class TqdmProgress:
     def start(self, total: int, *, skipped: int) -> None:
         from tqdm import tqdm
 
-        from leakbench.running.worker import RateEstimate
+        from leakbench.running.progress import RateEstimate
 
         out = self.file or sys.stderr
         if skipped:
@@ -361,7 +361,7 @@ def _execution(args: argparse.Namespace) -> dict:
                                                                    channels_last=args.channels_last)}
 
 
-# Copies of leakbench.running.executors.EXECUTORS and leakbench.running.worker.DEFAULT_MAX_PACK, so that building the
+# Copies of leakbench.running.executors.EXECUTORS and leakbench.running.packs.DEFAULT_MAX_PACK, so that building the
 # parser (and `--help`) imports no torch; tests/unit/test_cli.py checks that they agree.
 EXECUTORS = ("local", "processes", "ray")
 DEFAULT_MAX_PACK = 8

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import sqlite3
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from leakbench.core.vocabulary import STATUSES  # shared with the reports (torch-free)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STORE_FILENAME = "leakbench.sqlite"
 
 _SCHEMA = """
@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS cells (
     case_indices_json TEXT NOT NULL DEFAULT '[]',  -- every case the cell belongs to ([]: a positive control only)
     control INTEGER NOT NULL DEFAULT 0,            -- 1: the cell is a positive control (of itself or of others)
     control_json TEXT NOT NULL DEFAULT '{}',       -- the cell's control: {"cells": [keys], "attacks": [keys]}
+    epsilon REAL,                    -- the defense's DP epsilon (the weakest of its accountants'), NULL: none
+    delta REAL,                      -- its delta
+    utility_cosine REAL,             -- cosine of the defended and the undefended update
+    utility_accuracy REAL,           -- FL test accuracy after the suite's [utility] training with the defense
+    utility_accuracy_undefended REAL,  -- the same training without it
     PRIMARY KEY (suite_hash, cell_key)
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -112,6 +117,50 @@ CREATE TABLE IF NOT EXISTS images (
 """
 
 
+#: the numbers a defense reports that are cells columns of their own (schema 5), for the reports
+#: to read and compare as numbers; everything else a defense reports stays in ``defense_info_json``
+DEFENSE_NUMBERS = ("epsilon", "delta", "utility_cosine", "utility_accuracy", "utility_accuracy_undefended")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def defense_numbers(info: Any) -> dict[str, float | None]:
+    """The ``DEFENSE_NUMBERS`` of a cell from what its defense reported (``defense_info``).
+
+    ``epsilon`` is the defense's own ``epsilon`` or, without one, the largest finite
+    ``epsilon_<accountant>`` (rdp, prv: the weakest of the guarantees); None where there is no
+    finite value (no DP, or noise 0: no guarantee). The others are the reported number or None.
+    """
+    info = info if isinstance(info, dict) else {}
+    out = {name: _number(info.get(name)) for name in DEFENSE_NUMBERS}
+    if out["epsilon"] is None and "epsilon" not in info:
+        by_accountant = [v for k, value in info.items() if k.startswith("epsilon_")
+                         if (v := _number(value)) is not None]
+        out["epsilon"] = max(by_accountant) if by_accountant else None
+    return out
+
+
+def _fill_defense_numbers(conn: sqlite3.Connection) -> None:
+    rows = conn.execute("SELECT suite_hash, cell_key, defense_info_json FROM cells").fetchall()
+    for suite_hash, cell_key, text in rows:
+        try:
+            info = json.loads(text)
+        except (TypeError, ValueError):
+            info = {}
+        numbers = defense_numbers(info)
+        conn.execute(f"UPDATE cells SET {', '.join(f'{k} = ?' for k in numbers)} WHERE suite_hash = ? AND cell_key = ?",
+                     (*numbers.values(), suite_hash, cell_key))
+
+
+#: Python steps a migration names among its statements
+_MIGRATION_STEPS = {"fill_defense_numbers": _fill_defense_numbers}
+
+
 #: statements that take a store from schema version i to i + 1 (old rows keep their numbers)
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE results ADD COLUMN execution_json TEXT NOT NULL DEFAULT '{}'",),
@@ -126,6 +175,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE cells ADD COLUMN control_json TEXT NOT NULL DEFAULT '{}'",
         "ALTER TABLE results ADD COLUMN baseline INTEGER NOT NULL DEFAULT 0",
         "UPDATE results SET baseline = 1 WHERE attack = 'label_only'"),
+    # epsilon, delta and utility as numeric columns, filled from each cell's defense_info_json
+    # (the same rule as new cells: ``defense_numbers``)
+    4: (*(f"ALTER TABLE cells ADD COLUMN {name} REAL" for name in DEFENSE_NUMBERS), "fill_defense_numbers"),
 }
 
 
@@ -170,6 +222,69 @@ class ResultRow:
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class CellRow:
+    """One cell's row of the ``cells`` table, as the worker describes the cell: typed values, which
+    the store alone turns into columns (``columns``), JSON and the numeric defense columns included."""
+
+    case_index: int
+    dataset: str
+    victim: str
+    victim_label: str
+    defense: str
+    defense_label: str
+    protocol: str
+    batch_size: int
+    bn_mode: str
+    batch_index: int
+    trial: int
+    threat_labels: str
+    threat_bn_stats: str
+    victim_identity: Mapping[str, Any] = field(default_factory=dict)
+    defense_identity: Mapping[str, Any] = field(default_factory=dict)
+    protocol_identity: Mapping[str, Any] = field(default_factory=dict)
+    defense_info: Mapping[str, Any] = field(default_factory=dict)  # what the defense and the utility training report
+    victim_info: Mapping[str, Any] = field(default_factory=dict)   # training state, test accuracy, architecture
+    flags: tuple[Any, ...] = ()                                    # the cell's sanity flags
+    case_indices: tuple[int, ...] = ()                             # every case it belongs to; (): a control only
+    control: bool = False
+    control_cells: tuple[str, ...] = ()
+    control_attacks: tuple[str, ...] = ()
+    rero_kappa: float | None = None
+    rero_kappa_upper: float | None = None
+    rero_gamma_observed: float | None = None
+    rero_gamma_training: float | None = None
+    rero: Mapping[str, Any] = field(default_factory=dict)          # the ReRo numbers' parameters, prior, method
+
+    def with_flags(self, flags: Iterable[Any]) -> "CellRow":
+        """This row with ``flags`` added to its sanity flags."""
+        return replace(self, flags=(*self.flags, *flags))
+
+    def columns(self) -> dict[str, Any]:
+        """The ``cells`` columns (but the suite hash and the cell key) of this row."""
+        return {
+            "case_index": self.case_index, "dataset": self.dataset,
+            "victim": self.victim, "victim_label": self.victim_label, "victim_json": _json(dict(self.victim_identity)),
+            "defense": self.defense, "defense_label": self.defense_label,
+            "defense_json": _json(dict(self.defense_identity)), "defense_info_json": _json(dict(self.defense_info)),
+            "victim_info_json": _json(dict(self.victim_info)), "cell_flags_json": _json(list(self.flags)),
+            "protocol": self.protocol, "protocol_json": _json(dict(self.protocol_identity)),
+            "batch_size": self.batch_size, "bn_mode": self.bn_mode, "batch_index": self.batch_index,
+            "trial": self.trial, "threat_labels": self.threat_labels, "threat_bn_stats": self.threat_bn_stats,
+            "rero_kappa": self.rero_kappa, "rero_kappa_upper": self.rero_kappa_upper,
+            "rero_gamma_observed": self.rero_gamma_observed, "rero_gamma_training": self.rero_gamma_training,
+            "rero_json": _json(dict(self.rero)),
+            "case_indices_json": _json(list(self.case_indices)), "control": int(self.control),
+            "control_json": _json({"cells": list(self.control_cells), "attacks": list(self.control_attacks)}
+                                  if self.control_cells else {}),
+            **defense_numbers(dict(self.defense_info)),
+        }
 
 
 def store_path(out_dir: str | Path) -> Path:
@@ -276,6 +391,12 @@ def check_store(path: str | Path) -> bool:
     return True
 
 
+def _write_cell(conn: sqlite3.Connection, suite_hash: str, cell_key: str, row: CellRow) -> None:
+    columns = {"suite_hash": suite_hash, "cell_key": cell_key, **row.columns()}
+    conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                 tuple(columns.values()))
+
+
 class Store:
     """A connection to one SQLite store file, checked (``check_store``) before it is used."""
 
@@ -318,7 +439,10 @@ class Store:
             with self.transaction():
                 for step in range(version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[step]:
-                        self.conn.execute(statement)
+                        if statement in _MIGRATION_STEPS:
+                            _MIGRATION_STEPS[statement](self.conn)
+                        else:
+                            self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -369,13 +493,30 @@ class Store:
 
     # ---------------------------------------------------------------- cells and results
 
-    def put_cell(self, suite_hash: str, cell_key: str, fields: dict[str, Any]) -> None:
-        cols = ["suite_hash", "cell_key", *fields]
+    def put_cell(self, suite_hash: str, cell_key: str, row: CellRow) -> None:
         with self.transaction() as c:
-            c.execute(
-                f"INSERT OR REPLACE INTO cells ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                (suite_hash, cell_key, *fields.values()),
-            )
+            _write_cell(c, suite_hash, cell_key, row)
+
+    def attack_psnrs(self, suite_hash: str, cell_key: str) -> list[float | None]:
+        """The PSNR of every stored row of the cell's attacks (baselines left out; None where a row failed)."""
+        rows = self.conn.execute("SELECT psnr_db FROM results WHERE suite_hash = ? AND cell_key = ? AND baseline = 0",
+                                 (suite_hash, cell_key)).fetchall()
+        return [r[0] for r in rows]
+
+    def cells_without_results(self, suite_hash: str) -> int:
+        """Cells of the suite that a run wrote (when it started them) but that no result row belongs to yet."""
+        return int(self.conn.execute(
+            "SELECT COUNT(*) FROM cells c WHERE c.suite_hash = ? AND NOT EXISTS "
+            "(SELECT 1 FROM results r WHERE r.suite_hash = c.suite_hash AND r.cell_key = c.cell_key)",
+            (suite_hash,)).fetchone()[0])
+
+    def result_columns(self) -> list[str]:
+        """The columns of ``results`` rows (the results', then the cell's own), also for a store with no rows."""
+        results = [r[1] for r in self.conn.execute("PRAGMA table_info(results)")]
+        cells = [r[1] for r in self.conn.execute("PRAGMA table_info(cells)") if r[1] not in ("suite_hash", "cell_key")]
+        # an unmigrated older store (read-only) reads what ``results`` gives in place of later columns
+        cells += [name for name in (*CONTROL_COLUMNS, *DEFENSE_NUMBERS) if name not in cells]
+        return results + cells
 
     def done(self, suite_hash: str) -> set[tuple[str, str]]:
         """(cell_key, attack_key) pairs that already have their rows."""
@@ -408,19 +549,15 @@ class Store:
         created_utc: str,
         execution: dict[str, Any] | None = None,
         baseline: bool = False,
-        cell_fields: dict[str, Any] | None = None,
+        cell_row: CellRow | None = None,
     ) -> None:
         """All rows of one (cell, attack) and their images, atomically; ``baseline``: the attack is a floor;
-        ``cell_fields``, when given, rewrites the cell's row in the same transaction (its flags, once its
+        ``cell_row``, when given, rewrites the cell's row in the same transaction (its flags, once its
         last attack is in), so no kill point leaves the rows and the cell's flags disagreeing."""
         rows = list(rows)
         with self.transaction() as c:
-            if cell_fields is not None:
-                cols = ["suite_hash", "cell_key", *cell_fields]
-                c.execute(
-                    f"INSERT OR REPLACE INTO cells ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    (suite_hash, cell_key, *cell_fields.values()),
-                )
+            if cell_row is not None:
+                _write_cell(c, suite_hash, cell_key, cell_row)
             for slot, png in truth_pngs.items():
                 c.execute("INSERT OR IGNORE INTO images VALUES (?, ?, '', ?, ?)", (suite_hash, cell_key, slot, png))
             for slot, png in reconstruction_pngs.items():
@@ -443,22 +580,34 @@ class Store:
                     ),
                 )
 
-    def results(self, suite_hash: str) -> list[sqlite3.Row]:
-        """Every result row of a suite joined with its cell's description."""
-        # a store opened read-only is not migrated: columns added by a later schema are read where present
+    def results(self, suite_hash: str) -> list[dict[str, Any]]:
+        """Every result row of a suite joined with its cell's description, as dicts."""
+        # a store opened read-only is not migrated: columns added by a later schema are read where present,
+        # the defense's numbers computed from its defense_info_json as the migration would
         cell_columns = {r[1] for r in self.conn.execute("PRAGMA table_info(cells)")}
         rero = "".join(f", c.{name}" for name in _RERO_COLUMNS if name in cell_columns)
-        return self.conn.execute(
+        numbers = [name for name in DEFENSE_NUMBERS if name in cell_columns]
+        rows = self.conn.execute(
             "SELECT r.*, c.case_index, c.dataset, c.victim, c.victim_label, c.victim_json, c.defense, c.defense_label,"
             " c.defense_json, c.defense_info_json, c.protocol, c.protocol_json, c.batch_size, c.bn_mode, c.batch_index,"
             " c.trial, c.threat_labels, c.threat_bn_stats, c.victim_info_json, c.cell_flags_json, "
             + ", ".join(f"c.{name}" if name in cell_columns else f"{default} AS {name}"
-                        for name, default in CONTROL_COLUMNS.items()) + rero +
+                        for name, default in CONTROL_COLUMNS.items()) + rero
+            + "".join(f", c.{name}" for name in numbers) +
             " FROM results r JOIN cells c ON c.suite_hash = r.suite_hash AND c.cell_key = r.cell_key"
             " WHERE r.suite_hash = ? ORDER BY c.case_index, c.victim_label, c.defense_label, c.batch_index, c.trial,"
             " r.attack, r.image_slot",
             (suite_hash,),
         ).fetchall()
+        out = [dict(r) for r in rows]
+        if len(numbers) < len(DEFENSE_NUMBERS):
+            for row in out:
+                try:
+                    info = json.loads(row["defense_info_json"])
+                except (TypeError, ValueError):
+                    info = {}
+                row.update(defense_numbers(info))
+        return out
 
     def image_png(self, suite_hash: str, cell_key: str, attack_key: str, image_slot: int) -> bytes | None:
         row = self.conn.execute(

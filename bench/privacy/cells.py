@@ -13,7 +13,6 @@ cifar10, cifar100, mnist: ``train``); where there is none, κ and γ stay empty 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -71,11 +70,11 @@ def _prior(spec: ReroSpec | None, dataset_name: str, dataset_params: dict[str, A
 
 def cell_rero(defense, *, local_steps: int, threshold, dataset_name: str, dataset_params: dict[str, Any],
               spec: ReroSpec | None = None) -> dict[str, Any]:
-    """The cell's ``rero_*`` columns. ``local_steps``: the DP steps inside the observed update
+    """The cell's ReRo numbers (``CellRow``'s ``rero_*`` fields; ``rero``: their parameters, prior and method). ``local_steps``: the DP steps inside the observed update
     (FedSGD 1, FedAvg its local steps); each sees the target, so q = 1 for what the server saw."""
     guarantee = defense.dp_guarantee()
     if guarantee is None:
-        return {"rero_json": json.dumps({"dp": False, "note": defense.no_dp_reason}, sort_keys=True)}
+        return {"rero": {"dp": False, "note": defense.no_dp_reason}}
     info: dict[str, Any] = {"dp": True, "guarantee": guarantee.as_dict(), "neighbouring": NEIGHBOURING,
                             "bound": "ReRo: gamma = 1 - f(kappa) (Balle, Cherubin, Hayes 2022; Hayes, Mahloujifar, "
                                      "Balle 2023)"}
@@ -83,7 +82,7 @@ def cell_rero(defense, *, local_steps: int, threshold, dataset_name: str, datase
     if prior is None:
         info["note"] = (f"no public prior for {dataset_name}: name one in the suite's [rero] table "
                         "(prior = { name = ..., split = ... }) to get kappa and gamma")
-        return {"rero_json": json.dumps(info, sort_keys=True)}
+        return {"rero": info}
     confidence = spec.confidence if spec is not None else DEFAULT_CONFIDENCE
     max_images = spec.max_images if spec is not None else 512
     try:
@@ -94,11 +93,11 @@ def cell_rero(defense, *, local_steps: int, threshold, dataset_name: str, datase
     except Exception as err:  # a bound that cannot be computed is recorded, never fatal to the cell
         log.warning("ReRo bound failed: %s: %s", type(err).__name__, err)
         info["note"] = f"the bound could not be computed: {type(err).__name__}: {err}"
-        return {"rero_json": json.dumps(info, sort_keys=True)}
+        return {"rero": info}
     info.update(kappa=kappa.as_dict(), observed=observed.as_dict(), training=training.as_dict(),
                 kappa_used="the Clopper-Pearson upper limit (gamma grows with kappa)",
                 observed_note=(f"T = {local_steps} Gaussian step(s) inside the observed update, each containing "
                                "the target (q = 1)"))
     return {"rero_kappa": kappa.kappa, "rero_kappa_upper": kappa.kappa_upper,
             "rero_gamma_observed": observed.gamma, "rero_gamma_training": training.gamma,
-            "rero_json": json.dumps(info, sort_keys=True)}
+            "rero": info}

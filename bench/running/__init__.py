@@ -2,9 +2,12 @@
 
 - ``leakbench.running.runner``: ``run_suite``, the driver. It plans the packs, hands them to an
   executor, and alone writes the store (resumable; every row committed as it comes).
-- ``leakbench.running.worker``: the worker. It computes a pack's cells (client side: the
-  protocol's update through the defense), sizes packs to the device's memory, runs the attacks
-  and scores them, and reports events and progress.
+- ``leakbench.running.worker``: the worker, which runs a pack through its three parts:
+  ``client`` (each cell's server model, defended update and store row), ``sizing`` (pack sizes
+  from memory and timing probes) and ``attacking`` (the attacks, packed where they can be,
+  split on out-of-memory, scored).
+- ``leakbench.running.packs``: packs (the work) and events (what a worker yields back);
+  ``leakbench.running.progress``: progress in reconstruction-iterations.
 - ``leakbench.running.executors``: who runs the packs (this process, worker processes, Ray).
 - ``leakbench.running.sanity``: the sanity flags stored beside the numbers.
 

@@ -6,7 +6,6 @@ store is skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -17,17 +16,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from leakbench.running import sanity
 from leakbench.core.acceleration import Acceleration
-from leakbench.running.worker import (DEFAULT_MAX_PACK, CellEvent, Progress, SilentProgress, WorkMeter, plan_packs,
-                               planned_iterations)
+from leakbench.running import sanity
 from leakbench.running.executors import EXECUTORS, LocalExecutor, ProcessExecutor
 from leakbench.running.executors.processes import devices_for
-from leakbench.store import Store, StoreError, check_store, run_lock, store_path
-from leakbench.suite import Suite, dumps
+from leakbench.running.packs import DEFAULT_MAX_PACK, CellEvent, plan_packs
+from leakbench.running.progress import Progress, SilentProgress, WorkMeter, planned_iterations
+from leakbench.store import CellRow, ResultRow, Store, StoreError, check_store, run_lock, store_path
+from leakbench.suite import Suite
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ def git_commit() -> str | None:
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True, timeout=10)
     return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
-
 
 
 def run_suite(
@@ -163,7 +162,7 @@ def run_suite(
                 if isinstance(event, CellEvent):
                     if remaining.get(event.cell_key, 0) > 0:  # a retried pack re-sends finished cells
                         cells[event.cell_key] = event
-                        store.put_cell(suite.hash, event.cell_key, event.fields)
+                        store.put_cell(suite.hash, event.cell_key, event.row)
                     continue
                 if (event.cell_key, event.attack_key) in written:
                     continue  # already written by an earlier attempt of the same pack
@@ -176,7 +175,7 @@ def run_suite(
                     reconstruction_pngs=event.reconstruction_pngs, created_utc=utc_now(),
                     execution={**event.execution, "executor": runner.name},
                     baseline=baseline,
-                    cell_fields=None if not last else _flagged_fields(store, suite, cell, [] if baseline else event.rows),
+                    cell_row=None if not last else _flagged_row(store, suite, cell, [] if baseline else event.rows),
                 )
                 _kill_point("results")
                 written.add((event.cell_key, event.attack_key))
@@ -218,22 +217,17 @@ def _is_baseline(attack: str) -> bool:
     return attack in ATTACKS and ATTACKS.get(attack).baseline
 
 
-def _flagged_fields(store: Store, suite: Suite, cell: CellEvent, new_rows) -> dict | None:
-    """The cell's fields with the no-leak sanity flag, over every attack of the cell but baselines (the
-    flag's bar is their floor; those stored by
-    an earlier, resumed run and ``new_rows``, its last); written with those rows in one transaction.
-    None when no flag is raised (the cell's row, written when the cell began, stays as it is)."""
+def _flagged_row(store: Store, suite: Suite, cell: CellEvent, new_rows: Sequence[ResultRow]) -> CellRow | None:
+    """The cell's row with the no-leak sanity flag, over every attack of the cell but baselines (the
+    flag's bar is their floor; those stored by an earlier, resumed run and ``new_rows``, its last);
+    written with those rows in one transaction. None when no flag is raised (the cell's row, written
+    when the cell began, stays as it is)."""
     check, grey_db = cell.leak_check
     if not check:
         return None
-    stored = store.conn.execute("SELECT psnr_db FROM results WHERE suite_hash = ? AND cell_key = ? AND baseline = 0",
-                                (suite.hash, cell.cell_key)).fetchall()
-    flags = sanity.leak_flags([r[0] for r in stored] + [r.psnr_db for r in new_rows], grey_db=grey_db)
-    if not flags:
-        return None
-    fields = dict(cell.fields)
-    fields["cell_flags_json"] = dumps(json.loads(fields["cell_flags_json"]) + flags)
-    return fields
+    flags = sanity.leak_flags(store.attack_psnrs(suite.hash, cell.cell_key) + [r.psnr_db for r in new_rows],
+                              grey_db=grey_db)
+    return cell.row.with_flags(flags) if flags else None
 
 
 #: ``LEAKBENCH_KILL_AT=results:N`` SIGKILLs the run right after its N-th (cell, attack) write:

@@ -7,7 +7,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from leakbench.running.worker import UNITS_WITHOUT_ITERATIONS, SilentProgress  # noqa: E402
+from leakbench.running.progress import UNITS_WITHOUT_ITERATIONS, SilentProgress  # noqa: E402
 from leakbench.running.runner import run_suite  # noqa: E402
 from leakbench.suite import load_suite  # noqa: E402
 

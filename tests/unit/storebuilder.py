@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from leakbench.store import ResultRow, Store
+from leakbench.store import CellRow, ResultRow, Store
 
 CREATED = "2024-06-11T00:00:00+00:00"
 
@@ -42,7 +42,7 @@ class StoreBuilder:
             leak_metric=metric, leak_value=value, git_commit=git_commit, versions={"leakbench": leakbench_version,
                                                                                     "torch": "2.3.0"},
             device="cpu: test", argv="leakbench run toy.toml", started_utc=CREATED)
-        self.cells: dict[str, dict[str, Any]] = {}
+        self.cells: dict[str, CellRow] = {}
 
     def cell(self, key: str, *, victim: str = "lenet", defense: str = "none", defense_params: dict | None = None,
              protocol: str = "fedsgd", protocol_params: dict | None = None, batch_size: int = 1, trial: int = 0,
@@ -57,27 +57,22 @@ class StoreBuilder:
         defense_params = defense_params or {}
         protocol_params = {"batch_size": batch_size, **(protocol_params or {})}
         shown = ", ".join(f"{k}={v}" for k, v in defense_params.items())
-        fields = {
-            "case_index": case, "dataset": "photos(side=16)", "victim": victim, "victim_label": victim,
-            "victim_json": json.dumps({"name": victim, "version": victim_version, "params": {}}),
-            "defense": defense, "defense_label": f"{defense}({shown})" if shown else defense,
-            "defense_json": json.dumps({"name": defense, "version": defense_version, "params": defense_params}),
-            "defense_info_json": json.dumps(defense_info or {}),
-            "victim_info_json": json.dumps(victim_info or {}),
-            "cell_flags_json": json.dumps(list(cell_flags)),
-            "protocol": protocol,
-            "protocol_json": json.dumps({"name": protocol, "version": "1", "params": protocol_params}),
-            "batch_size": batch_size, "bn_mode": "train", "batch_index": batch_index, "trial": trial,
-            "threat_labels": labels, "threat_bn_stats": bn_stats,
-            "case_indices_json": json.dumps(list(cases) if cases is not None else [case]),
-            "control": int(control),
-            "control_json": json.dumps({"cells": list(control_of[0]), "attacks": list(control_of[1])}
-                                       if control_of else {}),
-        }
-        if rero:
-            fields.update({k: json.dumps(v) if k == "rero_json" else v for k, v in rero.items()})
-        self.store.put_cell(self.suite_hash, key, fields)
-        self.cells[key] = fields
+        row = CellRow(
+            case_index=case, dataset="photos(side=16)", victim=victim, victim_label=victim,
+            victim_identity={"name": victim, "version": victim_version, "params": {}},
+            defense=defense, defense_label=f"{defense}({shown})" if shown else defense,
+            defense_identity={"name": defense, "version": defense_version, "params": defense_params},
+            defense_info=defense_info or {}, victim_info=victim_info or {}, flags=tuple(cell_flags),
+            protocol=protocol, protocol_identity={"name": protocol, "version": "1", "params": protocol_params},
+            batch_size=batch_size, bn_mode="train", batch_index=batch_index, trial=trial,
+            threat_labels=labels, threat_bn_stats=bn_stats,
+            case_indices=tuple(cases) if cases is not None else (case,), control=control,
+            control_cells=tuple(control_of[0]) if control_of else (),
+            control_attacks=tuple(control_of[1]) if control_of else (),
+            **{("rero" if k == "rero_json" else k): v for k, v in (rero or {}).items()},
+        )
+        self.store.put_cell(self.suite_hash, key, row)
+        self.cells[key] = row
 
     def attack(self, cell: str, images: Sequence[tuple], *, attack: str = "ig", version: str = "1",
                params: dict | None = None, labels: str = "idlg", battery: str | None = None, status: str = "ok",

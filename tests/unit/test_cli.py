@@ -21,7 +21,7 @@ def test_help_imports_no_torch():
 
 
 def test_parser_constants_match_the_engine():
-    from leakbench.running.worker import DEFAULT_MAX_PACK
+    from leakbench.running.packs import DEFAULT_MAX_PACK
     from leakbench.running.executors import EXECUTORS
 
     assert cli.EXECUTORS == EXECUTORS

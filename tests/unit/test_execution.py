@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from leakbench.core import memory
-from leakbench.running.worker import SilentProgress, plan_packs
+from leakbench.running.packs import plan_packs
+from leakbench.running.progress import SilentProgress
 from leakbench.store import store_path
 from leakbench.suite import load_suite
 from leakbench.running.runner import run_suite
@@ -144,14 +145,16 @@ def test_process_workers_match_local_and_survive_a_killed_worker(tiny_suite_file
 def test_gpu_pack_limit_is_what_the_measured_free_memory_holds(tiny_suite_file, monkeypatch):
     """On a GPU: packs of at most MEMORY_HEADROOM x free memory / one reconstruction's probed peak,
     never above --pack-size, at least 1; probed once per (attack, observation shape)."""
-    import leakbench.running.worker as execute
-    from leakbench.running.worker import MEMORY_HEADROOM, Worker, _Prepared
+    import leakbench.running.sizing as execute
+    from leakbench.running.client import Prepared as _Prepared
+    from leakbench.running.sizing import MEMORY_HEADROOM
+    from leakbench.running.worker import Worker
 
     suite = load_suite(tiny_suite_file(images=2))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
-    worker.device = torch.device("cuda")  # only _pack_limit reads it here; nothing is allocated
+    worker.sizer.device = torch.device("cuda")  # only the pack sizing reads it here; nothing is allocated
     probes = []
-    monkeypatch.setattr(execute, "_probe_memory", lambda spec, sample, device: probes.append(1) or 100 * 2**20)
+    monkeypatch.setattr(execute, "probe_memory", lambda spec, sample, device, acceleration=None: probes.append(1) or 100 * 2**20)
     free = {"bytes": 1024 * 2**20}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
 
@@ -161,16 +164,16 @@ def test_gpu_pack_limit_is_what_the_measured_free_memory_holds(tiny_suite_file, 
 
     spec = suite.cells[0].attacks[0]
     sample = _Prepared(cell=suite.cells[0], batch=None)
-    limit, source = worker._pack_limit(spec, Packable(), sample)
+    limit, source = worker.sizer.limit(spec, Packable(), sample)
     assert limit == int(MEMORY_HEADROOM * 1024 // 100) == 7 and source == "measured GPU memory"
-    worker._pack_limit(spec, Packable(), sample)
+    worker.sizer.limit(spec, Packable(), sample)
     assert len(probes) == 1  # cached
-    worker._limits.clear()
+    worker.sizer.limits.clear()
     free["bytes"] = 10 * 2**20  # not even one fits: still packs of one (an OOM then gives oom rows)
-    assert worker._pack_limit(spec, Packable(), sample)[0] == 1
-    worker._limits.clear()
+    assert worker.sizer.limit(spec, Packable(), sample)[0] == 1
+    worker.sizer.limits.clear()
     free["bytes"] = 80 * 2**30
-    assert worker._pack_limit(spec, Packable(), sample)[0] == 16  # capped by --pack-size
+    assert worker.sizer.limit(spec, Packable(), sample)[0] == 16  # capped by --pack-size
 
 
 class Packable:
@@ -180,79 +183,84 @@ class Packable:
 
 def test_cpu_pack_limit_is_what_the_measured_available_memory_holds(tiny_suite_file, monkeypatch):
     """On a CPU: the GPU's arithmetic with the probed peak resident set and the available RAM."""
-    import leakbench.running.worker as execute
-    from leakbench.running.worker import MEMORY_HEADROOM, Worker, _Prepared
+    import leakbench.running.sizing as execute
+    from leakbench.running.client import Prepared as _Prepared
+    from leakbench.running.sizing import MEMORY_HEADROOM
+    from leakbench.running.worker import Worker
 
     suite = load_suite(tiny_suite_file(images=2))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
     probes = []
-    monkeypatch.setattr(execute, "_probe_memory", lambda spec, sample, device: probes.append(device) or 300 * 2**20)
+    monkeypatch.setattr(execute, "probe_memory", lambda spec, sample, device, acceleration=None: probes.append(device) or 300 * 2**20)
     free = {"bytes": 2048 * 2**20}
     monkeypatch.setattr(memory, "free_cpu_bytes", lambda: free["bytes"])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: pytest.fail("a CPU worker asked CUDA"))
 
     spec = suite.cells[0].attacks[0]
     sample = _Prepared(cell=suite.cells[0], batch=None)
-    limit, source = worker._pack_limit(spec, Packable(), sample)
+    limit, source = worker.sizer.limit(spec, Packable(), sample)
     assert limit == int(MEMORY_HEADROOM * 2048 // 300) == 4 and source == "measured CPU memory"
-    assert worker._pack_limit(spec, Packable(), sample) == (4, "measured CPU memory")
+    assert worker.sizer.limit(spec, Packable(), sample) == (4, "measured CPU memory")
     assert probes == [torch.device("cpu")]  # cached per (attack, observation shape)
-    worker._limits.clear()
+    worker.sizer.limits.clear()
     free["bytes"] = 100 * 2**20  # not even one fits: still packs of one (an allocation failure then gives oom rows)
-    assert worker._pack_limit(spec, Packable(), sample) == (1, "measured CPU memory")
-    worker._limits.clear()
+    assert worker.sizer.limit(spec, Packable(), sample) == (1, "measured CPU memory")
+    worker.sizer.limits.clear()
     free["bytes"] = 64 * 2**30
-    assert worker._pack_limit(spec, Packable(), sample) == (16, "measured CPU memory")  # capped by --pack-size
+    assert worker.sizer.limit(spec, Packable(), sample) == (16, "measured CPU memory")  # capped by --pack-size
     # two CPU workers on one machine (--executor processes --workers 2) each plan for half the headroom
     halved = Worker(suite, device=torch.device("cpu"), max_pack=16, memory_share=0.5)
     free["bytes"] = 2048 * 2**20
-    assert halved._pack_limit(spec, Packable(), sample) == (int(MEMORY_HEADROOM * 1024 // 300),
+    assert halved.sizer.limit(spec, Packable(), sample) == (int(MEMORY_HEADROOM * 1024 // 300),
                                                             "measured CPU memory (a 0.5 share)")
 
 
 def test_the_pack_size_is_the_fastest_by_timing_for_long_attacks(tiny_suite_file, monkeypatch):
     """Up to the memory limit, the pack size with the least time per reconstruction and iteration wins:
     packing can be slower (measured on this CPU for ResNet-18); short attacks are not timed."""
-    import leakbench.running.worker as execute
-    from leakbench.running.worker import TIMING_MIN_ITERATIONS, Worker, _Prepared
+    import leakbench.running.sizing as execute
+    from leakbench.running.client import Prepared as _Prepared
+    from leakbench.running.sizing import TIMING_MIN_ITERATIONS
+    from leakbench.running.worker import Worker
 
     suite = load_suite(tiny_suite_file(images=2, iterations=TIMING_MIN_ITERATIONS))
     spec = suite.cells[0].attacks[0]
     sample = _Prepared(cell=suite.cells[0], batch=None)
-    monkeypatch.setattr(execute, "_probe_memory", lambda spec, sample, device: 2**20)
+    monkeypatch.setattr(execute, "probe_memory", lambda spec, sample, device, acceleration=None: 2**20)
     seconds = {1: 1.0, 2: 1.5, 4: 2.4, 8: 6.4}  # per pack: 4 is the fastest per reconstruction (0.6 s)
     timed = []
-    monkeypatch.setattr(execute, "_iteration_seconds",
-                        lambda spec, sample, copies, device: timed.append(copies) or seconds[copies])
+    monkeypatch.setattr(execute, "iteration_seconds",
+                        lambda spec, sample, copies, device, acceleration=None: timed.append(copies) or seconds[copies])
     worker = Worker(suite, device=torch.device("cpu"), max_pack=8)
-    limit, source = worker._pack_limit(spec, Packable(), sample)
+    limit, source = worker.sizer.limit(spec, Packable(), sample)
     assert limit == 4 and sorted(timed) == [1, 2, 4, 8]
     assert source.startswith("measured CPU memory; fastest by timing") and "4: 600" in source
-    assert worker._pack_limit(spec, Packable(), sample) == (limit, source) and len(timed) == 4  # cached
+    assert worker.sizer.limit(spec, Packable(), sample) == (limit, source) and len(timed) == 4  # cached
 
     seconds.update({2: 2.5, 4: 5.0, 8: 10.0})  # packing slower than one by one: packs of one
-    worker._limits.clear()
-    assert worker._pack_limit(spec, Packable(), sample)[0] == 1
+    worker.sizer.limits.clear()
+    assert worker.sizer.limit(spec, Packable(), sample)[0] == 1
 
-    def broken(spec, sample, copies, device):
+    def broken(spec, sample, copies, device, acceleration=None):
         raise RuntimeError("no clock")
 
-    monkeypatch.setattr(execute, "_iteration_seconds", broken)
-    worker._limits.clear()
-    assert worker._pack_limit(spec, Packable(), sample) == (
+    monkeypatch.setattr(execute, "iteration_seconds", broken)
+    worker.sizer.limits.clear()
+    assert worker.sizer.limit(spec, Packable(), sample) == (
         8, "measured CPU memory; not timed (RuntimeError: no clock)")
 
     short = load_suite(tiny_suite_file(images=2, iterations=TIMING_MIN_ITERATIONS - 1))
     worker = Worker(short, device=torch.device("cpu"), max_pack=8)
-    assert worker._pack_limit(short.cells[0].attacks[0], Packable(), sample) == (8, "measured CPU memory")
+    assert worker.sizer.limit(short.cells[0].attacks[0], Packable(), sample) == (8, "measured CPU memory")
 
 
 def test_iteration_seconds_times_a_real_pack(tiny_suite_file):
-    from leakbench.running.worker import Worker, _iteration_seconds
+    from leakbench.running.sizing import iteration_seconds as _iteration_seconds
+    from leakbench.running.worker import Worker
 
     suite = load_suite(tiny_suite_file(images=1))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=4)
-    sample, _ = worker._prepare(suite.cells[0], SilentProgress())
+    sample, _ = worker.client.prepare(suite.cells[0], SilentProgress())
     one = _iteration_seconds(suite.cells[0].attacks[0], sample, 1, worker.device)
     assert 0 < one < 5
 
@@ -261,37 +269,39 @@ def test_iteration_seconds_times_a_real_pack(tiny_suite_file):
 def test_cpu_memory_not_measurable_falls_back_to_max_pack(tiny_suite_file, monkeypatch, tmp_path, missing):
     """No /proc (macOS), or a /proc file not there or not writable (a locked-down container): packs of
     --pack-size, saying why, once per key; without a way to read and reset the peak, the probe does not run."""
-    import leakbench.running.worker as execute
-    from leakbench.running.worker import Worker, _Prepared
+    import leakbench.running.sizing as execute
+    from leakbench.running.client import Prepared as _Prepared
+    from leakbench.running.worker import Worker
 
     suite = load_suite(tiny_suite_file(images=2))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
     monkeypatch.setattr(memory, missing, str(tmp_path / "no-such-dir" / "file"))
     runs = []
-    monkeypatch.setattr(execute, "_probe_run", lambda spec, sample: lambda: runs.append(1))
+    monkeypatch.setattr(execute, "probe_run", lambda spec, sample, **kw: lambda: runs.append(1))
 
     spec = suite.cells[0].attacks[0]
     sample = _Prepared(cell=suite.cells[0], batch=None)
-    limit, source = worker._pack_limit(spec, Packable(), sample)
+    limit, source = worker.sizer.limit(spec, Packable(), sample)
     assert limit == 16 and source.startswith("max_pack (memory not measured: ") and "no-such-dir" in source
-    assert worker._pack_limit(spec, Packable(), sample) == (limit, source)
+    assert worker.sizer.limit(spec, Packable(), sample) == (limit, source)
     assert runs == ([1] if missing == "_MEMINFO" else [])
 
 
 def test_a_failing_probe_falls_back_to_max_pack(tiny_suite_file, monkeypatch):
     """The probe is a real reconstruction; if it fails, the packed call runs anyway (its rows then say why)."""
-    import leakbench.running.worker as execute
-    from leakbench.running.worker import Worker, _Prepared
+    import leakbench.running.sizing as execute
+    from leakbench.running.client import Prepared as _Prepared
+    from leakbench.running.worker import Worker
 
     suite = load_suite(tiny_suite_file(images=2))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
 
-    def broken(spec, sample):
+    def broken(spec, sample, **kw):
         raise ValueError("no such thing\nsecond line")
 
-    monkeypatch.setattr(execute, "_probe_run", broken)
+    monkeypatch.setattr(execute, "probe_run", broken)
     sample = _Prepared(cell=suite.cells[0], batch=None)
-    assert worker._pack_limit(suite.cells[0].attacks[0], Packable(), sample) == (
+    assert worker.sizer.limit(suite.cells[0].attacks[0], Packable(), sample) == (
         16, "max_pack (memory not measured: the probe failed: ValueError: no such thing)")
 
 
@@ -343,7 +353,8 @@ def test_cpu_probe_measures_what_a_reconstruction_holds(tiny_suite_file):
     import dataclasses
 
     from leakbench import components
-    from leakbench.running.worker import Worker, _probe_memory
+    from leakbench.running.sizing import probe_memory as _probe_memory
+    from leakbench.running.worker import Worker
     from leakbench.core.memory import _cpu_peak_bytes
 
     # the kernel's resident-set counters lag by up to 64 pages per thread: not to the byte
@@ -351,7 +362,7 @@ def test_cpu_probe_measures_what_a_reconstruction_holds(tiny_suite_file):
 
     suite = load_suite(tiny_suite_file(images=1))
     worker = Worker(suite, device=torch.device("cpu"), max_pack=16)
-    sample, _ = worker._prepare(suite.cells[0], SilentProgress())
+    sample, _ = worker.client.prepare(suite.cells[0], SilentProgress())
     spec = suite.cells[0].attacks[0]  # inverting_gradients, 2 restarts of one 16 x 16 image
     more = dataclasses.replace(spec, params=tuple((k, 1024 if k == "restarts" else v) for k, v in spec.params))
     _probe_memory(spec, sample, worker.device)  # a process's first reconstruction also faults in code and buffers
@@ -361,7 +372,7 @@ def test_cpu_probe_measures_what_a_reconstruction_holds(tiny_suite_file):
     assert big - small > 16 * 2**20  # measured: about 78 MiB
 
     attack = components.registries()["attack"].build(spec.name, **spec.kwargs())
-    limit, source = worker._pack_limit(spec, attack, sample)
+    limit, source = worker.sizer.limit(spec, attack, sample)
     assert source == "measured CPU memory" and 1 <= limit <= 16
 
 

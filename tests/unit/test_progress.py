@@ -11,7 +11,7 @@ import pytest
 
 from leakbench.attacks.inverting_gradients import InvertingGradients
 from leakbench.cli import TqdmProgress
-from leakbench.running.worker import UNITS_WITHOUT_ITERATIONS, RateEstimate, SilentProgress, WorkMeter, planned_iterations
+from leakbench.running.progress import UNITS_WITHOUT_ITERATIONS, RateEstimate, SilentProgress, WorkMeter, planned_iterations
 from leakbench.running.runner import run_suite
 from leakbench.suite import load_suite
 

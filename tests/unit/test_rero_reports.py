@@ -110,7 +110,8 @@ def test_store_of_the_previous_schema_is_read_and_migrated(tmp_path):
     old.parent.mkdir()
     with sqlite3.connect(path) as src, sqlite3.connect(old) as dst:  # the same store at schema 2 (before ReRo, controls)
         src.backup(dst)
-        for column in (*store_module._RERO_COLUMNS, "case_indices_json", "control", "control_json"):
+        for column in (*store_module._RERO_COLUMNS, "case_indices_json", "control", "control_json",
+                       *store_module.DEFENSE_NUMBERS):
             dst.execute(f"ALTER TABLE cells DROP COLUMN {column}")
         dst.execute("ALTER TABLE results DROP COLUMN baseline")
         dst.execute("PRAGMA user_version = 2")

@@ -7,7 +7,7 @@
   recorded in the rows' ``execution_json`` and the log).
 - ``ray``: packs as Ray tasks on a Ray cluster (``leakbench.running.executors.ray``; optional extra).
 
-Every executor yields the worker's events (``leakbench.running.worker.CellEvent`` / ``AttackEvent``)
+Every executor yields the worker's events (``leakbench.running.packs.CellEvent`` / ``AttackEvent``)
 as they come; seeds come from the cells, so the rows do not depend on who computed them.
 
 Part of running, where the engine's parts meet: may import the suite, the worker

@@ -7,7 +7,9 @@ from typing import Iterable, Iterator
 import torch
 
 from leakbench.core.acceleration import Acceleration, backend_flags, restore_backend_flags
-from leakbench.running.worker import Event, Pack, Progress, SilentProgress, Worker
+from leakbench.running.packs import Event, Pack
+from leakbench.running.progress import Progress, SilentProgress
+from leakbench.running.worker import Worker
 from leakbench.suite import Suite
 
 

@@ -8,7 +8,7 @@ written from the first attempt stay and are not written twice (the driver skips 
 
 Progress is live: a worker sends its attack calls' iterations and task descriptions through
 the same queue (at most every ``PROGRESS_S`` per worker, and every call's last report), and
-the driver hands them to the run's Progress (``leakbench.running.worker.WorkMeter``), so the bar
+the driver hands them to the run's Progress (``leakbench.running.progress.WorkMeter``), so the bar
 moves while packs run, not only when their rows come.
 """
 
@@ -24,7 +24,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from leakbench.running.worker import AttackEvent, Event, Pack, Progress, SilentProgress
+from leakbench.running.packs import AttackEvent, Event, Pack
+from leakbench.running.progress import Progress, SilentProgress
 from leakbench.suite import Suite
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ pack (Ray's default for GPU tasks, so each holds exactly its GPU and frees its m
 Progress is live: the tasks put their attack calls' iterations and task descriptions on a Ray
 queue (``ray.util.queue.Queue``, an actor that holds no CPU; at most every ``PROGRESS_S`` per
 task, and every call's last report), which the driver drains while it waits for the tasks and
-hands to the run's Progress (``leakbench.running.worker.WorkMeter``). The rows still come per pack,
+hands to the run's Progress (``leakbench.running.progress.WorkMeter``). The rows still come per pack,
 when its task returns; a run whose live reports were lost (a queue that could not be reached)
 is filled to its full share when its rows come, so the bar's total stays right.
 """
@@ -44,7 +44,8 @@ import ray.exceptions
 import torch
 
 from leakbench.core.acceleration import Acceleration
-from leakbench.running.worker import AttackEvent, Event, Pack, Progress, SilentProgress
+from leakbench.running.packs import AttackEvent, Event, Pack
+from leakbench.running.progress import Progress, SilentProgress
 from leakbench.running.executors.processes import WorkerLost
 from leakbench.suite import Suite
 
