@@ -7,6 +7,8 @@ reports/README.md for what each file shows.
 """
 
 from leakbench.reports.html import ReportPaths, render_leaderboard_html, render_report, write_reports
+# The names come through the facade module leakbench.reports.leaderboard, imported here first, so
+# that the package's attribute ``leaderboard`` stays the function, not that submodule.
 from leakbench.reports.leaderboard import (
     PSNR_CAP_DB,
     ReportError,

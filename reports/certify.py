@@ -41,20 +41,17 @@ from typing import Any
 import pandas as pd
 
 from leakbench.store import Store
-from leakbench.reports.leaderboard import (
-    CONTROL_SHARE,
-    ControlFigures,
-    ORACLE_VALUES,
-    THREAT_MODEL_DEFAULTS,
-    ResultSet,
-    _md,
-    _md_row,
+from leakbench.reports.aggregation import (
     consistency_warnings,
     control_figures,
+    CONTROL_SHARE,
+    ControlFigures,
     flag_counts,
     leaderboard,
     per_image_worst,
 )
+from leakbench.reports.loading import ORACLE_VALUES, ResultSet, THREAT_MODEL_DEFAULTS
+from leakbench.reports.rendering import _md, _md_row
 
 TRUTH_ATTACK_KEY = ""
 DEFAULT_EVIDENCE_IMAGES = 3

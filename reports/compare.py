@@ -20,15 +20,10 @@ import numpy as np
 import pandas as pd
 
 from leakbench.core.vocabulary import METRICS as VOCABULARY_METRICS
-from leakbench.reports.leaderboard import (
-    ResultSet,
-    Threshold,
-    _md,
-    _md_row,
-    component_versions,
-    consistency_warnings,
-    per_image_worst,
-)
+from leakbench.core.vocabulary import Threshold
+from leakbench.reports.aggregation import component_versions, consistency_warnings, per_image_worst
+from leakbench.reports.loading import ResultSet
+from leakbench.reports.rendering import _md, _md_row
 
 GROUP_KEYS = ("victim", "defense", "protocol")
 DEFAULT_TOLERANCE_DB = 1.0

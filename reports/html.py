@@ -21,36 +21,35 @@ import pandas as pd
 from markupsafe import Markup
 
 from leakbench.store import Store
-from leakbench.reports.leaderboard import (
-    BOOTSTRAP_RESAMPLES,
-    CONFIDENCE_LEVEL,
-    CONTROL_SHARE,
-    GROUP_COLUMNS,
+from leakbench.core.vocabulary import PSNR_CAP_DB
+from leakbench.reports.aggregation import (
     attack_groups,
     attacks_by_name,
     completeness,
-    control_unbroken,
-    shorten_paths,
-    to_json,
-    ORACLE_VALUES,
-    PSNR_CAP_DB,
-    THREAT_MODEL_DEFAULTS,
-    ResultSet,
     consistency_warnings,
+    CONTROL_SHARE,
+    control_unbroken,
     flag_counts,
     leaderboard,
-    load_results,
-    optional_columns,
     per_image_worst,
-    to_markdown,
 )
+from leakbench.reports.loading import (
+    BOOTSTRAP_RESAMPLES,
+    CONFIDENCE_LEVEL,
+    GROUP_COLUMNS,
+    load_results,
+    ORACLE_VALUES,
+    ResultSet,
+    shorten_paths,
+    THREAT_MODEL_DEFAULTS,
+)
+from leakbench.reports.rendering import TEMPLATES_DIR, optional_columns, to_json, to_markdown
 from leakbench.reports.plots import report_plots
 
 log = logging.getLogger(__name__)
 
 from leakbench.reports.rero import RERO_NOTE, rero_text
 
-TEMPLATES_DIR = Path(__file__).parent / "templates"
 TRUTH_ATTACK_KEY = ""  # the images table stores the ground truth under attack_key ''
 
 
@@ -362,7 +361,7 @@ def _psnr_descending(record: dict[str, Any]) -> float:
 def _tile(row: dict[str, Any], image: dict[str, Any], *, results: ResultSet, store: Store) -> Tile:
     ok = row["status"] == "ok"
     # The runner stores each reconstruction under the GROUND-TRUTH slot it was matched to
-    # (leakbench.runner: pngs[reference_index] = recon.images[matched_index]), so the row's own
+    # (leakbench.running.runner: pngs[reference_index] = recon.images[matched_index]), so the row's own
     # image_slot finds it; matched_slot is the attack's output index, kept for provenance only.
     png = store.image_png(results.suite_hash, row["cell_key"], row["attack_key"], int(row["image_slot"])) if ok else None
     best = (ok and not _missing(image["best_cell_key"]) and row["cell_key"] == image["best_cell_key"]

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from leakbench.reports.leaderboard import CONTROL_SHARE
+from leakbench.reports.aggregation import CONTROL_SHARE
 from leakbench.store import store_path
 
 #: the leaderboard columns the front page shows, with their headings

