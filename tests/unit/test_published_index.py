@@ -102,3 +102,26 @@ def test_front_page_shows_each_study_with_its_control_verdict(tmp_path):
     assert "12.500" in md and "0.410" in md  # epsilon and gamma where a row has them
     assert "| lenet | trained (95.6%) | unique | 1 | 100 | n/a |" in md
     assert "<h2>defenses</h2>" in page and "inconclusive (1/4)" in page and "<script" not in page
+
+
+def test_every_reference_suite_is_published_with_its_run_and_listed():
+    """The Makefile's REFERENCE_SUITES, the committed folders under reports/leaderboards and the
+    README's table agree: each reference suite has its leaderboard (CSV, Markdown, JSON, HTML) and
+    a run.json that names its suite, wall time and cells, and the README links its folder."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    line = next(ln for ln in (root / "Makefile").read_text().splitlines() if ln.startswith("REFERENCE_SUITES ?="))
+    suites = line.split("?=", 1)[1].split()
+    assert {"architecture", "defenses", "quick"} <= set(suites)
+    published = root / "reports" / "leaderboards"
+    readme = (published / "README.md").read_text()
+    for name in suites:
+        folder = published / name
+        for file in ("leaderboard.csv", "leaderboard.md", "leaderboard.json", "leaderboard.html", "run.json"):
+            assert (folder / file).is_file(), f"{name}: {file} is not committed; run `make leaderboards`"
+        run = json.loads((folder / "run.json").read_text())
+        assert run["wall_seconds"] > 0 and run["cells"] > 0 and run["runs"], name
+        assert re.search(rf"\]\({re.escape(name)}/leaderboard\.md\)", readme), f"README.md does not link {name}/"
+    assert (published / "labels" / "labels.json").is_file()
