@@ -4,12 +4,17 @@ Same objective, same start, ``torch.optim.LBFGS(lr, max_iter=inner_steps, histor
 line_search_fn=None)`` stepped ``iterations`` times. L-BFGS with a fixed step is chaotic
 on DLG's objective: a rounding difference grows by about 2x per evaluation once the
 iterate starts to jump, so two correct implementations part after some evaluations
-whatever is done. Measured here (float64, lenet at 16 px, DLG, memory of 5): leakbench
-and torch agree to 1e-9 up to evaluation 75 and part (relative difference > 1e-6) at
-118; torch against itself with its two parameters passed in the other order (a different
-summation order, nothing else) also parts from itself at 75 (1e-9) and at 112 (1e-6).
-So the test asserts agreement as long as torch agrees with itself, with some margin; two
-small objectives, where the paths do not part, check the memory and stop rules exactly.
+whatever is done, and where depends on the machine's kernels. Measured (float64, lenet at
+16 px, DLG, memory of 5): on one machine leakbench and torch agreed to 1e-9 up to
+evaluation 75 and parted (relative difference > 1e-6) at 118, while torch against itself
+with its two parameters passed in the other order (a different summation order, nothing
+else) parted at 75 (1e-9) and 112 (1e-6); on another, with the same torch release,
+leakbench parted at 68 and 81, torch from itself at 75 and 87. So the test measures torch's
+own parting in the same run and asserts that leakbench follows torch about as long
+(15 evaluations of margin, a factor of some 10^4 in rounding), and never fewer than 40
+evaluations: a wrong memory or step parts within the first few (a memory of 4 or 6 instead
+of 5 at evaluation 7 or 8, lr 0.99 instead of 1 at 1). Two small
+objectives, where the paths do not part, check the memory and stop rules exactly.
 """
 
 import dataclasses
@@ -94,10 +99,11 @@ def test_dlg_path_matches_torch_until_rounding_takes_over():
     schedule = LBFGSSchedule(iterations=10, lr=1.0, inner_steps=20, history_size=5)
     ours, result = ours_per_evaluation(objective, init, schedule)
     reference, _, _ = torch_lbfgs(objective, init, schedule, order=("x", "y"))
+    reordered, _, _ = torch_lbfgs(objective, init, schedule, order=("y", "x"))
     assert len(ours) == len(reference) == schedule.updates + 1
-    # torch with its parameters reordered: 1e-9 apart from evaluation 75 on, 1e-6 from 112
-    assert first_parting(reference, ours, 1e-9) >= 60
-    assert first_parting(reference, ours, 1e-6) >= 90
+    for rel in (1e-9, 1e-6):
+        own = first_parting(reference, reordered, rel)  # how long torch follows itself on this machine
+        assert first_parting(reference, ours, rel) >= max(40, own - 15), (rel, own)
     assert float(result.matching_losses[0]) < 0.01 * reference[0]
 
 
