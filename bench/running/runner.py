@@ -64,7 +64,22 @@ def describe_device(device: torch.device) -> str:
         if not torch.cuda.is_available():
             return "cuda: on the workers (none on the driver)"
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    model = cpu_model()
+    return f"cpu: {platform.processor() or platform.machine()}{f' ({model})' if model else ''}, " \
+           f"{torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The processor's model name where Linux says it (``/proc/cpuinfo``), else "". Two CPU models give
+    different rounding in their kernels, which the chaotic L-BFGS attacks turn into different PSNRs."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def provenance_versions() -> dict[str, str]:

@@ -149,6 +149,16 @@ def run_comparison(case: Case) -> dict:
     packed = ours.reconstruct_many(case.observations, case.model, labels=[b.labels for b in case.batches],
                                    generators=[start_generator(case, i) for i in range(case.images)])
     packed_s = time.perf_counter() - t0
+    # the same pack on one thread: on 2 cores the small convolutions of a pack do not always gain from two
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        ours.reconstruct_many(case.observations, case.model, labels=[b.labels for b in case.batches],
+                              generators=[start_generator(case, i) for i in range(case.images)])
+        packed_one_thread_s = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
     packed_psnr = [float(psnr_db(r.images, b.images)[0]) for r, b in zip(packed, case.batches)]
     ref_loop_s = sum(r["s_per_iteration_reference"] for r in rows) * case.iterations
     ratios = [r["s_per_iteration_reference"] / r["s_per_iteration_leakbench"] for r in rows]
@@ -165,6 +175,8 @@ def run_comparison(case: Case) -> dict:
         "one_reconstruction_speed_ratios": ratios,
         "packed_seconds": packed_s, "reference_loop_seconds": ref_loop_s,
         "packed_speed_ratio": ref_loop_s / packed_s,
+        "packed_one_thread_seconds": packed_one_thread_s,
+        "packed_one_thread_speed_ratio": ref_loop_s / packed_one_thread_s,
         "mean_psnr_leakbench_packed_db": statistics.fmean(packed_psnr),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),

@@ -3,8 +3,9 @@
 Opt-in (marker ``peers``; needs ``pip install -e '.[peers]'``): ``make bench-peers``.
 Writes every number to ``$LEAKBENCH_PEERS_OUT`` (default ``results/peers/breaching.json``);
 budget from ``LEAKBENCH_PEERS_ITERATIONS`` (200) and ``LEAKBENCH_PEERS_IMAGES`` (8).
-Asserts quality only (mean PSNR at least the reference's - 0.5 dB): speed on a shared
-machine is recorded, not asserted.
+Both sides run at the same TV weight (the reference's 0.2; harness.py says why). Asserts
+quality only (mean PSNR at least the reference's - 0.5 dB): speed on a shared machine is
+recorded, not asserted.
 """
 
 import json
@@ -37,6 +38,7 @@ def test_inverting_gradients_against_the_reference(victim):
     print(f"\n{victim}: PSNR leakbench {result['mean_psnr_leakbench_db']:.2f} dB vs reference "
           f"{result['mean_psnr_reference_db']:.2f} dB ({result['psnr_difference_db']:+.2f} dB); "
           f"one reconstruction {result['one_reconstruction_speed_ratio_median']:.2f}x the reference's speed, "
-          f"{IMAGES} packed {result['packed_speed_ratio']:.2f}x its loop; torch threads {torch.get_num_threads()}, "
+          f"{IMAGES} packed {result['packed_speed_ratio']:.2f}x its loop "
+          f"({result['packed_one_thread_speed_ratio']:.2f}x on one thread); torch threads {torch.get_num_threads()}, "
           f"load {result['load_average'][0]:.1f} -> {OUT}")
     assert result["mean_psnr_leakbench_db"] >= result["mean_psnr_reference_db"] - 0.5

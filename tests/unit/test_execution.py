@@ -387,3 +387,22 @@ def test_cpu_allocation_failures_are_out_of_memory():
     assert is_oom(failed.value)
     assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     assert not is_oom(ValueError("can't allocate memory"))  # only the allocator's RuntimeError
+
+
+def test_a_cpu_run_records_the_processor_model(monkeypatch, tmp_path):
+    """Kernels of two CPU models round differently (the L-BFGS attacks then part); the run says which it was."""
+    import builtins
+
+    import torch
+
+    from leakbench.running import runner
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t: fpu\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    assert runner.cpu_model() == "Example CPU 9000"
+    assert "(Example CPU 9000)" in runner.describe_device(torch.device("cpu"))
+    cpuinfo.unlink()  # no /proc/cpuinfo (macOS, Windows): the rest stays
+    assert runner.cpu_model() == ""
+    assert runner.describe_device(torch.device("cpu")).startswith("cpu: ")
