@@ -6,8 +6,14 @@ device, and stream their events back to the driver as they complete. When a work
 device and hands the pack out again, at most ``max_retries`` times; the rows already
 written from the first attempt stay and are not written twice (the driver skips them).
 
+Each worker sends to the driver over a pipe of its own, not a queue shared by all: a worker
+killed while writing to a shared ``multiprocessing.Queue`` keeps that queue's write lock for
+ever, and every other worker's messages then wait behind it (seen here: a run hung after a
+worker was SIGKILLed). A dead worker's pipe reads as closed once its last message is read,
+which is how the driver notices the death.
+
 Progress is live: a worker sends its attack calls' iterations and task descriptions through
-the same queue (at most every ``PROGRESS_S`` per worker, and every call's last report), and
+the same pipe (at most every ``PROGRESS_S`` per worker, and every call's last report), and
 the driver hands them to the run's Progress (``leakbench.running.progress.WorkMeter``), so the bar
 moves while packs run, not only when their rows come.
 """
@@ -16,10 +22,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import queue
 import time
 import traceback
 from dataclasses import replace
+from multiprocessing.connection import wait
 from typing import Iterable, Iterator
 
 import torch
@@ -32,6 +38,16 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 PROGRESS_S = 0.5  # a worker sends its progress at most this often (a call's last report always)
+
+
+class _Sender:
+    """The worker's end of its pipe to the driver, with a queue's ``put``."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def put(self, message) -> None:
+        self.conn.send(message)
 
 
 class _QueueProgress(SilentProgress):
@@ -76,9 +92,11 @@ def devices_for(workers: int | None, device: torch.device) -> list[str]:
     return ["cpu"] * max(1, workers or 1)
 
 
-def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, results, worker_id: int,
+def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, conn, worker_id: int,
                  acceleration=None, memory_share: float = 1.0) -> None:
     import signal
+
+    results = _Sender(conn)
 
     from leakbench.running.worker import Worker
 
@@ -127,17 +145,18 @@ class ProcessExecutor:
         if not packs:
             return
         ctx = mp.get_context("spawn")
-        results = ctx.Queue()
         todo: list[tuple[int, int]] = [(i, 0) for i in packs]  # (pack index, attempt)
         workers: dict[int, dict] = {}
 
         def start(worker_id: int, device: str) -> None:
-            tasks = ctx.Queue()
+            tasks = ctx.Queue()  # written by the driver only
+            reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main, name=f"leakbench-worker-{worker_id}", daemon=True,
-                               args=(self.suite, device, self.max_pack, self.threads, tasks, results, worker_id,
+                               args=(self.suite, device, self.max_pack, self.threads, tasks, writer, worker_id,
                                      self.acceleration, 1 / self.devices.count(device)))
             proc.start()
-            workers[worker_id] = {"proc": proc, "tasks": tasks, "device": device, "busy": None}
+            writer.close()  # the worker holds the only write end: when it dies, the pipe reads as closed
+            workers[worker_id] = {"proc": proc, "tasks": tasks, "conn": reader, "device": device, "busy": None}
 
         def feed(worker_id: int) -> None:
             w = workers[worker_id]
@@ -151,41 +170,49 @@ class ProcessExecutor:
         next_id = len(self.devices)
         try:
             while any(w["busy"] is not None for w in workers.values()) or todo:
-                try:
-                    kind, worker_id, index, attempt, payload = results.get(timeout=POLL_S)
-                except queue.Empty:
-                    for worker_id in list(workers):
-                        w = workers[worker_id]
-                        if w["busy"] is not None and not w["proc"].is_alive():
+                readers = {w["conn"]: worker_id for worker_id, w in workers.items()}
+                for conn in wait(list(readers), timeout=POLL_S):
+                    worker_id = readers[conn]
+                    w = workers[worker_id]
+                    try:
+                        kind, _, index, attempt, payload = conn.recv()
+                    except (EOFError, OSError):  # its last message is read and it is gone
+                        conn.close()
+                        del workers[worker_id]
+                        w["proc"].join(timeout=5)
+                        if w["busy"] is not None:
                             index, attempt = w["busy"]
-                            del workers[worker_id]
                             self._retry(index, attempt, f"worker {worker_id} on {w['device']} died "
                                                         f"(exit code {w['proc'].exitcode})", todo)
+                        if todo:
                             start(next_id, w["device"])
                             feed(next_id)
                             next_id += 1
-                    continue
-                w = workers.get(worker_id)
-                if w is None or w["busy"] != (index, attempt):
-                    continue  # a message from a worker already given up on
-                if kind == "progress":
-                    method, args = payload
-                    if method == "task" and len(self.devices) > 1:
-                        args = (f"worker {worker_id}: {args[0]}",)
-                    report = getattr(self.progress, method, None)
-                    if report is not None:
-                        report(*args)
-                elif kind == "event":
-                    if attempt and isinstance(payload, AttackEvent):
-                        payload = replace(payload, execution={**payload.execution, "attempt": attempt + 1})
-                    yield packs[index], payload
-                elif kind == "failed":
-                    w["busy"] = None
-                    self._retry(index, attempt, f"worker {worker_id} raised:\n{payload}", todo)
-                    feed(worker_id)
-                else:
-                    w["busy"] = None
-                    feed(worker_id)
+                        continue
+                    if w["busy"] != (index, attempt):
+                        continue  # not the pack it was given (cannot happen over its own pipe; kept as a guard)
+                    if kind == "progress":
+                        method, args = payload
+                        if method == "task" and len(self.devices) > 1:
+                            args = (f"worker {worker_id}: {args[0]}",)
+                        report = getattr(self.progress, method, None)
+                        if report is not None:
+                            report(*args)
+                    elif kind == "event":
+                        if attempt and isinstance(payload, AttackEvent):
+                            payload = replace(payload, execution={**payload.execution, "attempt": attempt + 1})
+                        yield packs[index], payload
+                    elif kind == "failed":
+                        w["busy"] = None
+                        self._retry(index, attempt, f"worker {worker_id} raised:\n{payload}", todo)
+                        feed(worker_id)
+                    else:
+                        w["busy"] = None
+                        feed(worker_id)
+                if todo and not workers:  # every worker died idle: start the first device's again
+                    start(next_id, self.devices[0])
+                    feed(next_id)
+                    next_id += 1
         except BaseException:  # Ctrl-C or an error of the driver: the work in flight is not kept, end it now
             for w in workers.values():
                 if w["proc"].is_alive():
@@ -201,6 +228,7 @@ class ProcessExecutor:
                 w["proc"].join(timeout=10)
                 if w["proc"].is_alive():
                     w["proc"].kill()
+                w["conn"].close()
 
     def _retry(self, index: int, attempt: int, reason: str, todo: list[tuple[int, int]]) -> None:
         if attempt >= self.max_retries:
