@@ -453,8 +453,9 @@ def _execution_options(parser: argparse.ArgumentParser) -> None:
                        help=f"cells per pack and reconstructions per batched attack call (default {DEFAULT_MAX_PACK}; "
                             "1 runs every reconstruction alone); also capped by the measured free memory (GPU, or "
                             "Linux CPU) and, for long attacks, the fastest size by timing")
-    group.add_argument("--compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
-                       help="torch.compile the attack step (reduce-overhead: CUDA graphs on a GPU)")
+    group.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                       help="torch.compile the attack step (reduce-overhead: CUDA graphs on a GPU); auto (the "
+                            "default): per pack, only where a probe measures that compiling repays its cost")
     group.add_argument("--tf32", action="store_true", help="TensorFloat-32 matmuls/convolutions (Ampere+ GPUs)")
     group.add_argument("--channels-last", action="store_true",
                        help="channels-last layout of the attacker's convolutions and candidates (for GPU tensor cores; "

@@ -280,7 +280,7 @@ def run_packed(
         inputs = {k: v.detach() for k, v in inputs.items()}
         if any(v.shape[0] != groups for v in inputs.values()):
             raise ValueError(f"every per-reconstruction input must have {groups} rows first")
-    plain = groups == 1 and restarts == 1 and acceleration.compile == "off"
+    plain = groups == 1 and restarts == 1 and not acceleration.compiles
     value_and_grad = autograd_grad_and_value(objective) if plain else torch.func.grad_and_value(objective, has_aux=True)
     step = acceleration.wrap(_mapped(value_and_grad, groups, restarts, inputs, consensus))
     evaluate = _mapped(objective, groups, restarts, inputs, consensus)

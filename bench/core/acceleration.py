@@ -10,7 +10,7 @@ TensorFloat-32 is a switch of torch's backends, which ``apply_backend_flags`` se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
@@ -23,7 +23,9 @@ class Acceleration:
 
     - ``compile``: ``torch.compile`` of the vectorized step; ``"reduce-overhead"`` also
       captures CUDA graphs on a GPU. Compilation costs seconds per new pack shape: it pays
-      off for long attacks, not for smoke runs.
+      off for long attacks, not for smoke runs. ``"auto"`` lets the runner decide per pack
+      (``leakbench.running.sizing.PackSizer.compile_choice``: compiled only where a probe
+      shows it repays its compilation); an attack handed ``"auto"`` unresolved runs eager.
     - ``tf32``: TensorFloat-32 matmuls and convolutions on Ampere+ GPUs (no effect on a CPU).
     - ``channels_last``: the attacker's 4-D weights and the candidates (every 5-D state
       tensor, rows × batch × C × H × W) laid out channels-last, the layout tensor-core
@@ -31,7 +33,7 @@ class Acceleration:
       (README, "Execution").
     """
 
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile: Literal["off", "auto", "default", "reduce-overhead", "max-autotune"] = "off"
     tf32: bool = False
     channels_last: bool = False
 
@@ -46,9 +48,18 @@ class Acceleration:
         torch.backends.cuda.matmul.allow_tf32 = self.tf32
         torch.backends.cudnn.allow_tf32 = self.tf32
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the step is compiled (``"auto"`` not yet resolved by the runner counts as eager)."""
+        return self.compile not in ("off", "auto")
+
+    def with_compile(self, compile: str) -> "Acceleration":
+        """The same settings with ``compile`` replaced (the runner's resolution of ``"auto"``)."""
+        return replace(self, compile=compile)
+
     def wrap(self, step: Callable) -> Callable:
         """``step`` compiled when ``compile`` asks for it, else ``step`` itself."""
-        if self.compile == "off":
+        if not self.compiles:
             return step
         return torch.compile(step, mode=None if self.compile == "default" else self.compile, dynamic=False)
 

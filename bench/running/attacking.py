@@ -101,9 +101,21 @@ class AttackRunner:
         elif build_error is not None:
             rows, pngs = failed_rows(p.batch, "error", build_error), {}
         else:
+            used = self._resolved(spec, attack, p, 1)
             rows, pngs = attack_rows(p.cell, spec, attack, p.observation, p.client_model, p.batch, self.lpips,
                                      CallProgress(progress, ((p.cell.key, spec.key),)))
+            return self._event(p, spec, rows, pngs, time.monotonic() - t0, {"pack": 1, **used}, progress,
+                               acceleration=attack.acceleration)
         return self._event(p, spec, rows, pngs, time.monotonic() - t0, {"pack": 1}, progress)
+
+    def _resolved(self, spec: AttackSpec, attack: Attack, sample: Prepared, copies: int) -> dict:
+        """``--compile auto`` resolved for a call of ``copies`` reconstructions (the attack is handed the result);
+        what was decided and why, for the rows' execution record. Nothing to resolve: ``{}``."""
+        if self.acceleration.compile != "auto":
+            return {}
+        chosen, why = self.sizer.compile_choice(spec, attack, sample, copies)
+        attack.acceleration = self.acceleration.with_compile(chosen)
+        return {"compile_auto": f"{chosen}: {why}"}
 
     def _packed(self, spec: AttackSpec, attack: Attack, members: list[Prepared],
                 progress: Progress) -> Iterator[AttackEvent]:
@@ -119,6 +131,7 @@ class AttackRunner:
                    splits: int) -> Iterator[AttackEvent]:
         progress.task(f"{describe_run(chunk[0].cell, spec)} | pack of {len(chunk)} cells" if len(chunk) > 1
                       else describe_run(chunk[0].cell, spec))
+        used = self._resolved(spec, attack, chunk[0], len(chunk))
         t0 = time.monotonic()
         try:
             outcomes = packed_rows(chunk, spec, attack, self.lpips,
@@ -137,20 +150,20 @@ class AttackRunner:
             yield from self._run_chunk(spec, attack, chunk[half:], progress, info, splits=splits + 1)
             return
         seconds = (time.monotonic() - t0) / len(chunk)  # each reconstruction's share of the packed call
-        execution = {"pack": len(chunk), **info, "oom_splits": splits}
+        execution = {"pack": len(chunk), **info, **used, "oom_splits": splits}
         for p, (rows, pngs) in zip(chunk, outcomes):
-            yield self._event(p, spec, rows, pngs, seconds, execution, progress)
+            yield self._event(p, spec, rows, pngs, seconds, execution, progress, acceleration=attack.acceleration)
 
-    def _recorded(self, execution: dict) -> dict:
+    def _recorded(self, execution: dict, acceleration: Acceleration | None = None) -> dict:
         """The row's execution record, with the speed-ups it ran under (none named: plain fp32)."""
-        speedups = self.acceleration.describe()
+        speedups = (acceleration or self.acceleration).describe()
         return {**execution, "acceleration": speedups} if speedups else execution
 
     def _event(self, p: Prepared, spec: AttackSpec, rows: list[ResultRow], pngs: dict[int, bytes], seconds: float,
-               execution: dict, progress: Progress) -> AttackEvent:
+               execution: dict, progress: Progress, acceleration: Acceleration | None = None) -> AttackEvent:
         rows = [ResultRow(**{**r.__dict__, "seconds": seconds}) for r in rows]
         return AttackEvent(cell_key=p.cell.key, attack_key=spec.key, attack=spec.identity(), rows=rows,
-                           reconstruction_pngs=pngs, execution=self._recorded(execution))
+                           reconstruction_pngs=pngs, execution=self._recorded(execution, acceleration))
 
 
 def model_fingerprint(model: torch.nn.Module) -> tuple:

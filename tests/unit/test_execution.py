@@ -177,6 +177,8 @@ def test_gpu_pack_limit_is_what_the_measured_free_memory_holds(tiny_suite_file, 
 
 
 class Packable:
+    packable = True
+
     def pack_signature(self, observation):
         return ("shape",)
 
@@ -406,3 +408,75 @@ def test_a_cpu_run_records_the_processor_model(monkeypatch, tmp_path):
     cpuinfo.unlink()  # no /proc/cpuinfo (macOS, Windows): the rest stays
     assert runner.cpu_model() == ""
     assert runner.describe_device(torch.device("cpu")).startswith("cpu: ")
+
+
+def test_compile_auto_compiles_only_where_the_probe_says_it_repays(tiny_suite_file, monkeypatch):
+    """``--compile auto``: a call estimated to run eager for under COMPILE_MIN_SECONDS is not probed; a longer one is
+    compiled only when compilation + compiled iterations beat the eager estimate; a failing probe stays eager."""
+    import leakbench.running.sizing as sizing
+    from leakbench.core import Acceleration
+    from leakbench.running.client import Prepared as _Prepared
+    from leakbench.running.worker import Worker
+
+    iterations = sizing.TIMING_MIN_ITERATIONS
+    suite = load_suite(tiny_suite_file(images=2, iterations=iterations))
+    spec, sample = suite.cells[0].attacks[0], _Prepared(cell=suite.cells[0], batch=None)
+    sample.observation = type("Obs", (), {"input_shape": (1, 3, 8, 8)})()
+    eager = {"s": 0.1}  # seconds per iteration of the pack, eager
+    compiled = {"first": 10.0, "s": 0.2}
+    probes = []
+    monkeypatch.setattr(sizing, "iteration_seconds", lambda spec, sample, copies, device, acceleration=None: eager["s"])
+
+    def compiled_probe(spec, sample, copies, device, acceleration=None):
+        probes.append(acceleration.compile)
+        if compiled.get("error"):
+            raise RuntimeError("no C++ compiler")
+        return compiled["first"], compiled["s"]
+
+    monkeypatch.setattr(sizing, "first_and_iteration_seconds", compiled_probe)
+
+    def choose(copies=4):
+        worker = Worker(suite, device=torch.device("cpu"), max_pack=8, acceleration=Acceleration(compile="auto"))
+        return worker.sizer.compile_choice(spec, Packable(), sample, copies)
+
+    chosen, why = choose()  # 100 x 0.1 s = 10 s eager: not worth a compilation
+    assert chosen == "off" and "not probed" in why and probes == []
+    eager["s"] = 1.0  # 100 s eager; compiled 9.8 s + 100 x 0.2 s = 29.8 s
+    chosen, why = choose()
+    assert chosen == "default" and probes == ["default"] and "9.8 s compilation" in why
+    compiled.update(first=50.0, s=0.9)  # 49.1 s + 90 s > 0.9 x 100 s: compiling would not pay
+    assert choose()[0] == "off"
+    compiled["error"] = True
+    chosen, why = choose()
+    assert chosen == "off" and "the compiled probe failed (RuntimeError: no C++ compiler)" in why
+
+    worker = Worker(suite, device=torch.device("cpu"), max_pack=8, acceleration=Acceleration(compile="auto"))
+    del compiled["error"]
+    probes.clear()
+    first = worker.sizer.compile_choice(spec, Packable(), sample, 4)
+    assert worker.sizer.compile_choice(spec, Packable(), sample, 4) == first and len(probes) == 1  # decided once
+    short = load_suite(tiny_suite_file(images=2, iterations=iterations - 1))
+    worker = Worker(short, device=torch.device("cpu"), max_pack=8, acceleration=Acceleration(compile="auto"))
+    assert worker.sizer.compile_choice(short.cells[0].attacks[0], Packable(), sample, 4) == (
+        "off", f"{iterations - 1} iterations: too short to time")
+
+
+def test_compile_auto_is_resolved_and_recorded_in_every_row(tiny_suite_file, tmp_path):
+    """A run under ``--compile auto`` (the CLI's default) gives eager's numbers where auto stays eager, and each row
+    says what auto decided and why; an unresolved "auto" handed to an attack directly runs eager."""
+    from leakbench.attacks import ATTACKS
+    from leakbench.core import Acceleration
+
+    suite = load_suite(tiny_suite_file(images=2, iterations=12))
+    run_suite(suite, out_dir=tmp_path / "eager", device="cpu")
+    run_suite(suite, out_dir=tmp_path / "auto", device="cpu", acceleration=Acceleration(compile="auto"))
+    eager, auto = rows(tmp_path / "eager"), rows(tmp_path / "auto")
+    same_numbers(eager, auto, tol=1e-9)
+    decided = {k[1]: r[3]["compile_auto"] for k, r in auto.items()}
+    assert decided == {"inverting_gradients": "off: 12 iterations: too short to time",
+                       "analytic_fc": "off: the attack has no iteration count: nothing to compile"}
+    assert all("acceleration" not in r[3] for r in auto.values())  # ran eager: no speed-up named
+    assert all("compile_auto" not in r[3] for r in eager.values())
+    attack = ATTACKS.build("inverting_gradients", iterations=2)
+    attack.acceleration = Acceleration(compile="auto")
+    assert not attack.acceleration.compiles and attack.acceleration.wrap(len) is len
