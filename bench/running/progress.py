@@ -45,6 +45,37 @@ class SilentProgress:
     def close(self) -> None: ...
 
 
+class ForwardedProgress(SilentProgress):
+    """A worker's progress forwarded to the driver (the process and Ray executors): task descriptions at
+    once, iterations and work at most every ``every`` seconds (a call's last report always). Subclasses
+    say how a report travels (``_send``)."""
+
+    every = 0.5
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def _send(self, method: str, *args) -> None:
+        raise NotImplementedError
+
+    def task(self, description: str) -> None:
+        self._send("task", description)
+
+    def iterations(self, done: int, total: int) -> None:
+        self._throttled("iterations", done, total)
+
+    def work(self, runs, done: int, total: int) -> None:
+        self._throttled("work", runs, done, total)
+
+    def _throttled(self, method: str, *args) -> None:
+        done, total = args[-2], args[-1]
+        now = time.monotonic()
+        if done >= total or now - self.last >= self.every:
+            if method == "work":  # iterations and work come in pairs: the pair goes, or neither
+                self.last = now
+            self._send(method, *args)
+
+
 # --------------------------------------------------------------------------- progress in work units
 
 #: the share of an attack run without iterations (``analytic_fc``, ``label_only``): one unit

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import time
 import traceback
 from dataclasses import replace
 from multiprocessing.connection import wait
@@ -31,7 +30,7 @@ from typing import Iterable, Iterator
 import torch
 
 from leakbench.running.packs import AttackEvent, Event, Pack
-from leakbench.running.progress import Progress, SilentProgress
+from leakbench.running.progress import ForwardedProgress, Progress, SilentProgress
 from leakbench.suite import Suite
 
 log = logging.getLogger(__name__)
@@ -50,33 +49,18 @@ class _Sender:
         self.conn.send(message)
 
 
-class _QueueProgress(SilentProgress):
+class _QueueProgress(ForwardedProgress):
     """A worker's progress, sent to the driver as ``("progress", worker, pack, attempt, (method, args))``."""
 
+    every = PROGRESS_S
+
     def __init__(self, results, worker_id: int, index: int, attempt: int):
+        super().__init__()
         self.results = results
         self.header = ("progress", worker_id, index, attempt)
-        self.last = 0.0
 
     def _send(self, method: str, *args) -> None:
         self.results.put((*self.header, (method, args)))
-
-    def task(self, description: str) -> None:
-        self._send("task", description)
-
-    def iterations(self, done: int, total: int) -> None:
-        self._throttled("iterations", done, total)
-
-    def work(self, runs, done: int, total: int) -> None:
-        self._throttled("work", runs, done, total)
-
-    def _throttled(self, method: str, *args) -> None:
-        done, total = args[-2], args[-1]
-        now = time.monotonic()
-        if done >= total or now - self.last >= PROGRESS_S:
-            if method == "work":  # iterations and work come in pairs: the pair goes, or neither
-                self.last = now
-            self._send(method, *args)
 
 
 class WorkerLost(RuntimeError):

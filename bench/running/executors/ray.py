@@ -32,7 +32,6 @@ import logging
 import os
 import platform
 import socket
-import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import replace
@@ -45,7 +44,7 @@ import torch
 
 from leakbench.core.acceleration import Acceleration
 from leakbench.running.packs import AttackEvent, Event, Pack
-from leakbench.running.progress import Progress, SilentProgress
+from leakbench.running.progress import ForwardedProgress, Progress, SilentProgress
 from leakbench.running.executors.processes import WorkerLost
 from leakbench.suite import Suite
 
@@ -96,14 +95,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-class _QueueProgress(SilentProgress):
+class _QueueProgress(ForwardedProgress):
     """A task's progress, put on the driver's Ray queue as ``(pack, attempt, method, args)``. Progress
     never costs a pack: a queue that cannot be reached ends the reports, not the work."""
 
+    every = PROGRESS_S
+
     def __init__(self, queue, index: int, attempt: int):
+        super().__init__()
         self.queue = queue
         self.key = (index, attempt)
-        self.last = 0.0
 
     def _send(self, method: str, *args) -> None:
         if self.queue is None:
@@ -113,23 +114,6 @@ class _QueueProgress(SilentProgress):
         except Exception as err:  # the driver is gone or the queue died: the rows still come
             log.debug("progress queue unreachable, no more live progress for this pack: %s", err)
             self.queue = None
-
-    def task(self, description: str) -> None:
-        self._send("task", description)
-
-    def iterations(self, done: int, total: int) -> None:
-        self._throttled("iterations", done, total)
-
-    def work(self, runs, done: int, total: int) -> None:
-        self._throttled("work", runs, done, total)
-
-    def _throttled(self, method: str, *args) -> None:
-        done, total = args[-2], args[-1]
-        now = time.monotonic()
-        if done >= total or now - self.last >= PROGRESS_S:
-            if method == "work":  # iterations and work come in pairs: the pair goes, or neither
-                self.last = now
-            self._send(method, *args)
 
 
 def _run_pack(suite: Suite, pack: Pack, device_kind: str, max_pack: int, acceleration: Acceleration | None,
