@@ -96,17 +96,18 @@ class AttackRunner:
              progress: Progress) -> AttackEvent:
         progress.task(describe_run(p.cell, spec))
         t0 = time.monotonic()
+        used, acceleration = {}, None
         if p.error is not None:
             rows, pngs = failed_rows(p.batch, "error", p.error), {}
         elif build_error is not None:
             rows, pngs = failed_rows(p.batch, "error", build_error), {}
         else:
             used = self._resolved(spec, attack, p, 1)
+            acceleration = attack.acceleration
             rows, pngs = attack_rows(p.cell, spec, attack, p.observation, p.client_model, p.batch, self.lpips,
                                      CallProgress(progress, ((p.cell.key, spec.key),)))
-            return self._event(p, spec, rows, pngs, time.monotonic() - t0, {"pack": 1, **used}, progress,
-                               acceleration=attack.acceleration)
-        return self._event(p, spec, rows, pngs, time.monotonic() - t0, {"pack": 1}, progress)
+        return self._event(p, spec, rows, pngs, time.monotonic() - t0, {"pack": 1, **used}, progress,
+                           acceleration=acceleration)
 
     def _resolved(self, spec: AttackSpec, attack: Attack, sample: Prepared, copies: int) -> dict:
         """``--compile auto`` resolved for a call of ``copies`` reconstructions (the attack is handed the result);

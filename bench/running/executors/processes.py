@@ -39,28 +39,18 @@ POLL_S = 0.5
 PROGRESS_S = 0.5  # a worker sends its progress at most this often (a call's last report always)
 
 
-class _Sender:
-    """The worker's end of its pipe to the driver, with a queue's ``put``."""
-
-    def __init__(self, conn):
-        self.conn = conn
-
-    def put(self, message) -> None:
-        self.conn.send(message)
-
-
 class _QueueProgress(ForwardedProgress):
     """A worker's progress, sent to the driver as ``("progress", worker, pack, attempt, (method, args))``."""
 
     every = PROGRESS_S
 
-    def __init__(self, results, worker_id: int, index: int, attempt: int):
+    def __init__(self, conn, worker_id: int, index: int, attempt: int):
         super().__init__()
-        self.results = results
+        self.conn = conn  # the worker's end of its pipe to the driver
         self.header = ("progress", worker_id, index, attempt)
 
     def _send(self, method: str, *args) -> None:
-        self.results.put((*self.header, (method, args)))
+        self.conn.send((*self.header, (method, args)))
 
 
 class WorkerLost(RuntimeError):
@@ -80,8 +70,6 @@ def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, 
                  acceleration=None, memory_share: float = 1.0) -> None:
     import signal
 
-    results = _Sender(conn)
-
     from leakbench.running.worker import Worker
 
     # Ctrl-C reaches the whole process group: the driver alone handles it (it keeps the finished
@@ -99,12 +87,12 @@ def _worker_main(suite: Suite, device: str, max_pack: int, threads: int, tasks, 
             return
         pack, attempt = item
         try:
-            for event in worker.run_pack(pack, _QueueProgress(results, worker_id, pack.index, attempt)):
-                results.put(("event", worker_id, pack.index, attempt, event))
+            for event in worker.run_pack(pack, _QueueProgress(conn, worker_id, pack.index, attempt)):
+                conn.send(("event", worker_id, pack.index, attempt, event))
         except BaseException:  # the driver records it; the worker goes on with the next pack
-            results.put(("failed", worker_id, pack.index, attempt, traceback.format_exc()))
+            conn.send(("failed", worker_id, pack.index, attempt, traceback.format_exc()))
         else:
-            results.put(("done", worker_id, pack.index, attempt, None))
+            conn.send(("done", worker_id, pack.index, attempt, None))
 
 
 class ProcessExecutor:
@@ -173,8 +161,6 @@ class ProcessExecutor:
                             feed(next_id)
                             next_id += 1
                         continue
-                    if w["busy"] != (index, attempt):
-                        continue  # not the pack it was given (cannot happen over its own pipe; kept as a guard)
                     if kind == "progress":
                         method, args = payload
                         if method == "task" and len(self.devices) > 1:
@@ -193,10 +179,6 @@ class ProcessExecutor:
                     else:
                         w["busy"] = None
                         feed(worker_id)
-                if todo and not workers:  # every worker died idle: start the first device's again
-                    start(next_id, self.devices[0])
-                    feed(next_id)
-                    next_id += 1
         except BaseException:  # Ctrl-C or an error of the driver: the work in flight is not kept, end it now
             for w in workers.values():
                 if w["proc"].is_alive():
