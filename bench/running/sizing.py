@@ -95,7 +95,7 @@ class PackSizer:
 
         The eager estimate is the attack's iterations times the pack's seconds per iteration (from the pack
         sizing's timing, else timed here). Below ``COMPILE_MIN_SECONDS`` nothing more is probed. Otherwise a
-        compiled three-iteration probe gives the compilation time (its first iteration, less an eager one) and
+        compiled three-iteration probe gives the compilation time (its first iteration, less a compiled one) and
         the compiled seconds per iteration; compiled is chosen when compilation + iterations × compiled seconds
         is below ``COMPILE_MARGIN`` × the eager estimate. The probe's own compilation is not reused by the run
         (a new attack object is a new function for torch.compile), so the run pays it again, as estimated."""
