@@ -22,6 +22,7 @@ Two optimizers:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -212,6 +213,40 @@ def squared_distance(g: tuple[torch.Tensor, ...], t: tuple[torch.Tensor, ...]) -
 MATCHING = {"cosine": cosine_distance, "euclidean": squared_distance}
 
 
+def total_variation_rows(x: torch.Tensor) -> torch.Tensor:
+    """``total_variation`` of every row of ``x`` (rows first): one value per row."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    return dx + dy
+
+
+def _by_group(g: tuple[torch.Tensor, ...], t: tuple[torch.Tensor, ...]):
+    """Rows' gradients as groups × restarts × values and the groups' targets as groups × 1 × values."""
+    groups = t[0].shape[0]
+    return ([a.reshape(groups, -1, b[0].numel()) for a, b in zip(g, t)],
+            [b.reshape(groups, 1, -1) for b in t])
+
+
+def cosine_distance_rows(g: tuple[torch.Tensor, ...], t: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``cosine_distance`` of every row: ``g`` holds G·R rows' gradients (reconstruction by reconstruction, as
+    ``run_packed`` orders them), ``t`` the G targets; one value per row."""
+    g, t = _by_group(g, t)
+    dot = sum((a * b).sum(-1) for a, b in zip(g, t))
+    gn = sum(a.pow(2).sum(-1) for a in g)
+    tn = sum(b.pow(2).sum(-1) for b in t)
+    return (1 - dot / (gn.sqrt() * tn.sqrt() + 1e-12)).reshape(-1)
+
+
+def squared_distance_rows(g: tuple[torch.Tensor, ...], t: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``squared_distance`` of every row (see ``cosine_distance_rows``)."""
+    g, t = _by_group(g, t)
+    return sum((a - b).pow(2).sum(-1) for a, b in zip(g, t)).reshape(-1)
+
+
+#: the same distances for all rows of a pack at once (``run_packed(vectorized=True)``)
+MATCHING_ROWS = {"cosine": cosine_distance_rows, "euclidean": squared_distance_rows}
+
+
 def run_restarts(
     objective: Objective,
     init: State,
@@ -249,6 +284,7 @@ def run_packed(
     consensus: Consensus | None = None,
     stop_loss: float | None = None,
     acceleration: Acceleration = NO_ACCELERATION,
+    vectorized: bool = False,
 ) -> list[RestartResult]:
     """Optimize ``groups`` independent reconstructions of R restarts each as one vectorized computation.
 
@@ -269,6 +305,12 @@ def run_packed(
     iteration, ``consensus(that reconstruction's restarts' states)`` (detached) is added
     to what its objective is given, ``objective(state, given)``; GradInversion pulls each
     restart toward its group's mean this way. Reconstructions stay independent of each other.
+
+    With ``vectorized``, the objective is already written for all rows at once:
+    ``objective(state, inputs)`` gets the G·R rows and the G rows of inputs and returns the
+    total and the matching loss of every row (two tensors of G·R values); nothing is mapped,
+    and each row's gradient is that of the sum of the totals, rows being independent (the
+    explicit backpropagation of ``layerwise`` is used this way). No consensus then.
     """
     state = {k: acceleration.lay_out(v.detach().clone()) for k, v in init.items()}
     rows = next(iter(state.values())).shape[0]
@@ -280,10 +322,17 @@ def run_packed(
         inputs = {k: v.detach() for k, v in inputs.items()}
         if any(v.shape[0] != groups for v in inputs.values()):
             raise ValueError(f"every per-reconstruction input must have {groups} rows first")
-    plain = groups == 1 and restarts == 1 and not acceleration.compiles
-    value_and_grad = autograd_grad_and_value(objective) if plain else torch.func.grad_and_value(objective, has_aux=True)
-    step = acceleration.wrap(_mapped(value_and_grad, groups, restarts, inputs, consensus))
-    evaluate = _mapped(objective, groups, restarts, inputs, consensus)
+    if vectorized:
+        if consensus is not None:
+            raise ValueError("a vectorized objective takes no consensus")
+        evaluate = objective if inputs is None else functools.partial(_with_inputs, objective, inputs)
+        step = acceleration.wrap(_summed_grad_and_value(evaluate))
+    else:
+        plain = groups == 1 and restarts == 1 and not acceleration.compiles
+        value_and_grad = (autograd_grad_and_value(objective) if plain
+                          else torch.func.grad_and_value(objective, has_aux=True))
+        step = acceleration.wrap(_mapped(value_and_grad, groups, restarts, inputs, consensus))
+        evaluate = _mapped(objective, groups, restarts, inputs, consensus)
     scale = torch.ones(groups, device=device) if lr_scale is None else lr_scale.to(device=device, dtype=torch.float32)
     lr_rows = (schedule.lr * scale).repeat_interleave(restarts)
     adam = _Adam(state)
@@ -352,6 +401,24 @@ class _Adam:
             denom = (v.sqrt() / c2).add_(self.eps)
             move = (lr / c1).view(shape) * active.view(shape)
             x.sub_(move * m / denom)
+
+
+def _with_inputs(objective: Callable, inputs: State, states: State):
+    return objective(states, inputs)
+
+
+def _summed_grad_and_value(objective: Callable) -> Callable:
+    """Every row's gradient of a vectorized objective (``run_packed(vectorized=True)``), by one autograd pass
+    over the sum of its rows' totals; returns what the mapped path returns, (gradients, (totals, matching))."""
+
+    def fn(states: State):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in states.items()}
+        with torch.enable_grad():
+            total, matching = objective(leaves)
+            grads = torch.autograd.grad(total.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
+        return dict(zip(leaves, grads)), (total.detach(), matching.detach())
+
+    return fn
 
 
 def _mapped(fn: Callable, groups: int, restarts: int, inputs: State | None, consensus: Consensus | None) -> Callable:
