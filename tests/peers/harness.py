@@ -24,6 +24,7 @@ import contextlib
 import io
 import logging
 import os
+import platform
 import statistics
 import time
 import types
@@ -178,6 +179,18 @@ def run_comparison(case: Case) -> dict:
         "packed_one_thread_seconds": packed_one_thread_s,
         "packed_one_thread_speed_ratio": ref_loop_s / packed_one_thread_s,
         "mean_psnr_leakbench_packed_db": statistics.fmean(packed_psnr),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
         "load_average": list(os.getloadavg()),
     }
+
+
+def cpu_model() -> str:
+    """The processor's name (Linux ``/proc/cpuinfo``; else ``platform.processor()``): ratios differ between machines."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
