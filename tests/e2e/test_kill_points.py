@@ -27,7 +27,8 @@ from leakbench.running.runner import run_suite
 from leakbench.store import store_path
 from leakbench.suite import load_suite
 
-# 3 undefended batch-1 cells (no_leak_undefended is watched there) x 3 attacks, too short to leak
+# 3 undefended batch-1 cells (no_leak_undefended is watched there) x 3 attacks, too short (DLG) or too slow
+# (Inverting Gradients at lr 0.001) to leak
 SUITE = """
 [suite]
 name = "kills"
@@ -46,21 +47,24 @@ labels = "idlg"
 [[case.attacks]]
 name = "inverting_gradients"
 iterations = ITER
+lr = 0.001
 [[case.attacks]]
 name = "inverting_gradients"
 iterations = ITER
 restarts = 2
+lr = 0.001
 [[case.attacks]]
 name = "dlg"
-iterations = ITER
+iterations = DLG_ITER
 """
 
 CELLS, ATTACKS = 3, 3
 
 
-def suite_file(tmp_path: Path, iterations: int) -> Path:
+def suite_file(tmp_path: Path, iterations: int, dlg_iterations: int | None = None) -> Path:
     path = tmp_path / "kills.toml"
-    path.write_text(textwrap.dedent(SUITE.replace("ITER", str(iterations))))
+    text = SUITE.replace("DLG_ITER", str(iterations if dlg_iterations is None else dlg_iterations))
+    path.write_text(textwrap.dedent(text.replace("ITER", str(iterations))))
     return path
 
 
@@ -126,7 +130,10 @@ def test_kill_right_after_a_write_keeps_flags_and_rows_agreeing(tmp_path, writes
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kill_at_random_moments_inside_attacks(tmp_path, seed):
-    path, out = suite_file(tmp_path, 30), tmp_path / "out"
+    # any two attacks take longer than the delay below plus the watcher's 0.2 s polling (here
+    # about 0.4 s for Inverting Gradients at 300 iterations, 0.4 s for DLG at 30), so the
+    # kill lands before the last of them ends
+    path, out = suite_file(tmp_path, 300, dlg_iterations=30), tmp_path / "out"
     rng = random.Random(seed)
     proc = start(path, out)
     try:
