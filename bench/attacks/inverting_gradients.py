@@ -59,9 +59,6 @@ class InvertingGradients(PackedAttack):
         first = observations[0]
         device = next(model.parameters()).device
         attacker = attacker_model(model, first, device)
-        # FedSGD: the candidates' gradient; FedAvg (section 6 of the paper): the clients' local
-        # SGD steps unrolled on the candidates, as the pseudo-gradient -delta / lr.
-        candidate = update_fn(attacker, first, acceleration=self.acceleration)
         layers = len(first.update)
         inputs = stack_inputs([{"y": y.to(device), **{f"t{i}": t for i, t in enumerate(target_gradients(o, device))}}
                                for o, y in zip(observations, labels)])
@@ -73,6 +70,9 @@ class InvertingGradients(PackedAttack):
             except Unsupported as why:
                 log.debug("%s: the general path (%s)", self.name, why)
         if rows_gradients is None:
+            # FedSGD: the candidates' gradient; FedAvg (section 6 of the paper): the clients' local
+            # SGD steps unrolled on the candidates, as the pseudo-gradient -delta / lr.
+            candidate = update_fn(attacker, first, acceleration=self.acceleration)
             distance = MATCHING[self.distance]
 
             def objective(state, given):

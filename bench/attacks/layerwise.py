@@ -34,10 +34,6 @@ from torch import nn
 
 from leakbench.core import Observation
 
-# rows x B candidates, labels (rows x B indices or rows x B x classes) -> per-row gradients
-RowsGradientFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
-
-
 class Unsupported(ValueError):
     """The victim or the observation is outside what explicit backpropagation covers; the reason says what."""
 
@@ -50,6 +46,15 @@ class _Shape:
 
     def by_row(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.rows, self.per_row, *t.shape[1:])
+
+    def by_stats(self, t: torch.Tensor) -> torch.Tensor:
+        """rows·B × C × H × W as statistics groups × per_stats × C × H·W (BatchNorm's reduction layout)."""
+        return t.reshape(t.shape[0] // self.per_stats, self.per_stats, t.shape[1], -1)
+
+    @property
+    def stats_dims(self) -> int | tuple[int, int]:
+        """The dimensions of ``by_stats`` that BatchNorm's batch statistics reduce over."""
+        return 3 if self.per_stats == 1 else (1, 3)
 
 
 # --------------------------------------------------------------------------- layers
@@ -138,15 +143,24 @@ def _linear_backward(m: nn.Linear, g: torch.Tensor, a, shape: _Shape, wanted: se
     return (g @ m.weight if need_input else None), grads
 
 
+def _standardize(v: torch.Tensor, dims, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v - mean) / sqrt(var + eps) over ``dims`` (biased variance, as BatchNorm and GroupNorm), and that 1/sqrt."""
+    centred = v - v.mean(dims, keepdim=True)
+    rstd = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    return centred * rstd, rstd
+
+
+def _standardize_backward(g: torch.Tensor, xhat: torch.Tensor, dims) -> torch.Tensor:
+    """sigma times the gradient through ``_standardize`` of the incoming ``g``: g - mean g - xhat mean(g xhat)."""
+    return g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True)
+
+
 def _batch_norm_forward(m: nn.BatchNorm2d, a: torch.Tensor, shape: _Shape):
     channels = a.shape[1]
     batch_statistics = m.training or m.running_mean is None
     if batch_statistics:
-        v = a.reshape(a.shape[0] // shape.per_stats, shape.per_stats, channels, -1)
-        dims = 3 if shape.per_stats == 1 else (1, 3)
-        centred = v - v.mean(dims, keepdim=True)
-        rstd = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + m.eps)
-        xhat = (centred * rstd).reshape(a.shape)
+        xhat, rstd = _standardize(shape.by_stats(a), shape.stats_dims, m.eps)
+        xhat = xhat.reshape(a.shape)
     else:
         rstd = torch.rsqrt(m.running_var + m.eps).view(1, channels, 1, 1)
         xhat = (a - m.running_mean.view(1, channels, 1, 1)) * rstd
@@ -167,20 +181,14 @@ def _batch_norm_backward(m: nn.BatchNorm2d, g: torch.Tensor, saved, shape: _Shap
         return None, grads
     if not batch_statistics:  # running statistics: an affine map per channel
         return g * (rstd if m.weight is None else m.weight.view(1, channels, 1, 1) * rstd), grads
-    # d/dz of a normalization by the statistics of its own group: gamma/sigma (g - mean g - xhat mean(g xhat))
-    v = g.reshape(g.shape[0] // shape.per_stats, shape.per_stats, channels, -1)
-    xv = xhat.reshape(v.shape)
-    dims = 3 if shape.per_stats == 1 else (1, 3)
-    inner = v - v.mean(dims, keepdim=True) - xv * (v * xv).mean(dims, keepdim=True)
+    inner = _standardize_backward(shape.by_stats(g), shape.by_stats(xhat), shape.stats_dims)
     gamma = 1.0 if m.weight is None else m.weight.view(1, 1, channels, 1)
     return (gamma * rstd * inner).reshape(g.shape), grads
 
 
 def _group_norm_forward(m: nn.GroupNorm, a: torch.Tensor, shape: _Shape):
-    v = a.reshape(a.shape[0], m.num_groups, -1)
-    centred = v - v.mean(2, keepdim=True)
-    rstd = torch.rsqrt((centred * centred).mean(2, keepdim=True) + m.eps)
-    xhat = (centred * rstd).reshape(a.shape)
+    xhat, rstd = _standardize(a.reshape(a.shape[0], m.num_groups, -1), 2, m.eps)
+    xhat = xhat.reshape(a.shape)
     affine = (1, a.shape[1]) + (1,) * (a.dim() - 2)
     out = xhat if m.weight is None else xhat * m.weight.view(affine) + m.bias.view(affine)
     return out, (xhat, rstd, affine)
@@ -198,9 +206,7 @@ def _group_norm_backward(m: nn.GroupNorm, g: torch.Tensor, saved, shape: _Shape,
         return None, grads
     gx = g if m.weight is None else g * m.weight.view(affine)
     v = gx.reshape(g.shape[0], m.num_groups, -1)
-    xv = xhat.reshape(v.shape)
-    inner = v - v.mean(2, keepdim=True) - xv * (v * xv).mean(2, keepdim=True)
-    return (rstd * inner).reshape(g.shape), grads
+    return (rstd * _standardize_backward(v, xhat.reshape(v.shape), 2)).reshape(g.shape), grads
 
 
 def _elementwise(forward: Callable, derivative: Callable):
