@@ -27,6 +27,7 @@ from leakbench.attacks.optimize import (
     MATCHING_ROWS,
     Schedule,
     box_projection,
+    flat_targets,
     initial_images,
     run_packed,
     stack_inputs,
@@ -82,11 +83,12 @@ class InvertingGradients(PackedAttack):
         else:
             distance = MATCHING_ROWS[self.distance]
             restarts = self.restarts
+            targets = flat_targets(tuple(inputs[f"t{i}"] for i in range(layers)))  # once, not every iteration
+            labels = inputs["y"].repeat_interleave(restarts, 0)
 
             def objective(state, given):
                 x = state["x"]
-                g = rows_gradients(x, given["y"].repeat_interleave(restarts, 0))
-                matching = distance(g, tuple(given[f"t{i}"] for i in range(layers)))
+                matching = distance(rows_gradients(x, labels), targets)
                 return matching + tv_weight * total_variation_rows(x), matching
 
         x0 = torch.cat([initial_images(o, restarts=self.restarts, init=self.init, generator=g, device=device)

@@ -123,6 +123,8 @@ def _conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, padding, 
     rows, per_row = shape.rows, shape.per_row
 
     def sets_as_channels(t: torch.Tensor) -> torch.Tensor:  # rows·B × C × H × W -> B × rows·C × H × W
+        if per_row == 1:  # one view, not three operations each with its derivative
+            return t.reshape(1, rows * t.shape[1], *t.shape[2:])
         return t.reshape(rows, per_row, *t.shape[1:]).transpose(0, 1).reshape(per_row, rows * t.shape[1], *t.shape[2:])
 
     weight = m.weight if rows == 1 else _tiled(m.weight, rows, shape.repeated)
@@ -452,6 +454,6 @@ class LayerwiseGradients:
 def _loss_gradient(logits: torch.Tensor, y: torch.Tensor, per_row: int) -> torch.Tensor:
     """d/dlogits of each set's mean cross-entropy (``F.cross_entropy``'s, for indices or probabilities)."""
     p = torch.softmax(logits, 1)
-    if y.dim() == 1:
-        return (p - F.one_hot(y, logits.shape[1]).to(p.dtype)) / per_row
+    if y.dim() == 1:  # p - one_hot(y), without one_hot's check of the labels' range (a host sync per call)
+        return p.scatter_add(1, y.unsqueeze(1), p.new_full((p.shape[0], 1), -1.0)) / per_row
     return (p * y.sum(1, keepdim=True) - y) / per_row
