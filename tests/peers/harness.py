@@ -126,11 +126,30 @@ def leakbench_attack(case: Case, tv_weight: float):
                          signed=True, tv_weight=tv_weight)
 
 
-def run_comparison(case: Case) -> dict:
-    """Both attacks on every image, interleaved; then leakbench's pack of all images. Times are wall seconds."""
+def run_comparison(case: Case, *, window: int = 2) -> dict:
+    """Both attacks on every image, interleaved; leakbench's pack of all images (on the process's threads and on
+    one) after every ``window`` images, so each pack is timed beside the reference reconstructions it is compared
+    with. Times are wall seconds.
+
+    The packed ratio of a window is the reference's mean time per reconstruction in that window, times the
+    number of images, over that window's pack time; ``packed_speed_ratio`` is the median over windows. A single
+    pack timed after the whole loop (as this benchmark did before) moved by a third between two runs on a
+    shared 2-core machine, when the machine's speed changed between the loop and the pack."""
     reference = Reference(case)
     ours = leakbench_attack(case, float(reference.cfg.regularization.total_variation.scale))
-    rows = []
+    threads = torch.get_num_threads()
+
+    def pack(n_threads: int) -> tuple[float, list]:
+        torch.set_num_threads(n_threads)
+        try:
+            t0 = time.perf_counter()
+            out = ours.reconstruct_many(case.observations, case.model, labels=[b.labels for b in case.batches],
+                                        generators=[start_generator(case, i) for i in range(case.images)])
+            return time.perf_counter() - t0, out
+        finally:
+            torch.set_num_threads(threads)
+
+    rows, windows, packed = [], [], None
     for i in range(case.images):
         obs, batch = case.observations[i], case.batches[i]
         timed = {}
@@ -146,20 +165,20 @@ def run_comparison(case: Case) -> dict:
                      "psnr_reference_db": timed["reference"][1], "psnr_leakbench_db": timed["leakbench"][1],
                      "s_per_iteration_reference": timed["reference"][0] / case.iterations,
                      "s_per_iteration_leakbench": timed["leakbench"][0] / case.iterations})
-    t0 = time.perf_counter()
-    packed = ours.reconstruct_many(case.observations, case.model, labels=[b.labels for b in case.batches],
-                                   generators=[start_generator(case, i) for i in range(case.images)])
-    packed_s = time.perf_counter() - t0
-    # the same pack on one thread: on 2 cores the small convolutions of a pack do not always gain from two
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t0 = time.perf_counter()
-        ours.reconstruct_many(case.observations, case.model, labels=[b.labels for b in case.batches],
-                              generators=[start_generator(case, i) for i in range(case.images)])
-        packed_one_thread_s = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
+        if (i + 1) % window == 0 or i == case.images - 1:
+            first = len(windows) * window
+            order = (threads, 1) if len(windows) % 2 == 0 else (1, threads)
+            times = {}
+            for n in order:
+                times[n], out = pack(n)
+                if n == threads and packed is None:
+                    packed = out
+            ref_s = statistics.fmean(r["s_per_iteration_reference"] for r in rows[first:]) * case.iterations
+            windows.append({"images": [r["image"] for r in rows[first:]],
+                            "reference_s_per_reconstruction": ref_s,
+                            "packed_seconds": times[threads], "packed_one_thread_seconds": times[1],
+                            "packed_speed_ratio": ref_s * case.images / times[threads],
+                            "packed_one_thread_speed_ratio": ref_s * case.images / times[1]})
     packed_psnr = [float(psnr_db(r.images, b.images)[0]) for r, b in zip(packed, case.batches)]
     ref_loop_s = sum(r["s_per_iteration_reference"] for r in rows) * case.iterations
     ratios = [r["s_per_iteration_reference"] / r["s_per_iteration_leakbench"] for r in rows]
@@ -174,12 +193,15 @@ def run_comparison(case: Case) -> dict:
         "psnr_difference_db": mean_ours - mean_ref,
         "one_reconstruction_speed_ratio_median": statistics.median(ratios),
         "one_reconstruction_speed_ratios": ratios,
-        "packed_seconds": packed_s, "reference_loop_seconds": ref_loop_s,
-        "packed_speed_ratio": ref_loop_s / packed_s,
-        "packed_one_thread_seconds": packed_one_thread_s,
-        "packed_one_thread_speed_ratio": ref_loop_s / packed_one_thread_s,
+        "windows": windows,
+        "packed_seconds": statistics.median(w["packed_seconds"] for w in windows),
+        "reference_loop_seconds": ref_loop_s,
+        "packed_speed_ratio": statistics.median(w["packed_speed_ratio"] for w in windows),
+        "packed_speed_ratios": [w["packed_speed_ratio"] for w in windows],
+        "packed_one_thread_seconds": statistics.median(w["packed_one_thread_seconds"] for w in windows),
+        "packed_one_thread_speed_ratio": statistics.median(w["packed_one_thread_speed_ratio"] for w in windows),
         "mean_psnr_leakbench_packed_db": statistics.fmean(packed_psnr),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+        "torch": torch.__version__, "threads": threads, "cpu": cpu_model(),
         "load_average": list(os.getloadavg()),
     }
 

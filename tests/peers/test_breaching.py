@@ -38,7 +38,8 @@ def test_inverting_gradients_against_the_reference(victim):
     print(f"\n{victim}: PSNR leakbench {result['mean_psnr_leakbench_db']:.2f} dB vs reference "
           f"{result['mean_psnr_reference_db']:.2f} dB ({result['psnr_difference_db']:+.2f} dB); "
           f"one reconstruction {result['one_reconstruction_speed_ratio_median']:.2f}x the reference's speed, "
-          f"{IMAGES} packed {result['packed_speed_ratio']:.2f}x its loop "
+          f"{IMAGES} packed {result['packed_speed_ratio']:.2f}x its loop (median of windows "
+          f"{', '.join(f'{r:.2f}' for r in result['packed_speed_ratios'])}) "
           f"({result['packed_one_thread_speed_ratio']:.2f}x on one thread); torch threads {torch.get_num_threads()}, "
           f"load {result['load_average'][0]:.1f} -> {OUT}")
     assert result["mean_psnr_leakbench_db"] >= result["mean_psnr_reference_db"] - 0.5
