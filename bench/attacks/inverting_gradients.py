@@ -22,6 +22,7 @@ import torch
 from leakbench.attacks.common import PackedAttack, attacker_model
 from leakbench.attacks.fedavg import update_fn
 from leakbench.attacks.layerwise import LayerwiseGradients, Unsupported
+from leakbench.attacks.tangent import CosineMatching
 from leakbench.attacks.optimize import (
     MATCHING,
     MATCHING_ROWS,
@@ -34,6 +35,7 @@ from leakbench.attacks.optimize import (
     target_gradients,
     total_variation,
     total_variation_rows,
+    total_variation_rows_gradient,
 )
 from leakbench.attacks.registry import ATTACKS
 from leakbench.core import Attack, Observation, ParamError, Reconstruction
@@ -64,7 +66,7 @@ class InvertingGradients(PackedAttack):
         inputs = stack_inputs([{"y": y.to(device), **{f"t{i}": t for i, t in enumerate(target_gradients(o, device))}}
                                for o, y in zip(observations, labels)])
         tv_weight = self.tv_weight
-        rows_gradients = None
+        rows_gradients = gradient = None
         if len(observations) * self.restarts > 1:  # one row: plain autograd measured a few % faster
             try:  # a plain sequential victim: its backward written out, all rows at once (``layerwise``)
                 rows_gradients = LayerwiseGradients.build(attacker, first)
@@ -91,6 +93,20 @@ class InvertingGradients(PackedAttack):
                 matching = distance(rows_gradients(x, labels), targets)
                 return matching + tv_weight * total_variation_rows(x), matching
 
+            if self.distance == "cosine":
+                try:  # the second pass written out too (``tangent``): no autograd graph at all
+                    written = CosineMatching.build(attacker, first)
+                except Unsupported as why:
+                    log.debug("%s: autograd over the explicit backward (%s)", self.name, why)
+                else:
+                    rows_targets = targets.repeat_interleave(restarts, 0)
+
+                    def gradient(state, given):
+                        x = state["x"]
+                        matching, dx = written.grad_and_value(x, labels, rows_targets)
+                        total = matching + tv_weight * total_variation_rows(x)
+                        return {"x": dx + tv_weight * total_variation_rows_gradient(x)}, (total, matching)
+
         x0 = torch.cat([initial_images(o, restarts=self.restarts, init=self.init, generator=g, device=device)
                         for o, g in zip(observations, generators)])
         project = box_projection(first, x0)
@@ -99,7 +115,7 @@ class InvertingGradients(PackedAttack):
             objective, {"x": x0}, groups=len(observations), inputs=inputs,
             schedule=Schedule(iterations=self.iterations, lr=self.lr, signed=self.signed),
             project=project, deadline=deadline, progress=progress, acceleration=self.acceleration,
-            vectorized=rows_gradients is not None,
+            vectorized=rows_gradients is not None, gradient=gradient,
         )
         return [
             Reconstruction(

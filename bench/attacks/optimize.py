@@ -227,6 +227,19 @@ def flat_targets(t: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat([b.reshape(groups, -1) for b in t], 1)
 
 
+def total_variation_rows_gradient(x: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``total_variation_rows(x).sum()`` with respect to x, written out (the sign of each
+    neighbour difference over its count, 0 where they are equal, as autograd's derivative of ``abs``)."""
+    grad = torch.zeros_like(x)
+    for dim in (-1, -2):
+        n = x.shape[dim]
+        diff = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
+        s = torch.sign(diff) / (diff[0].numel())
+        grad.narrow(dim, 1, n - 1).add_(s)
+        grad.narrow(dim, 0, n - 1).sub_(s)
+    return grad
+
+
 def _by_group(g: tuple[torch.Tensor, ...], t: tuple[torch.Tensor, ...] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows' gradients, all layers concatenated, as groups × restarts × values, and the groups' targets as
     groups × 1 × values (``t`` per layer, or already ``flat_targets``). One concatenation instead of a product, a
@@ -297,6 +310,7 @@ def run_packed(
     stop_loss: float | None = None,
     acceleration: Acceleration = NO_ACCELERATION,
     vectorized: bool = False,
+    gradient: Callable | None = None,
 ) -> list[RestartResult]:
     """Optimize ``groups`` independent reconstructions of R restarts each as one vectorized computation.
 
@@ -322,7 +336,10 @@ def run_packed(
     ``objective(state, inputs)`` gets the G·R rows and the G rows of inputs and returns the
     total and the matching loss of every row (two tensors of G·R values); nothing is mapped,
     and each row's gradient is that of the sum of the totals, rows being independent (the
-    explicit backpropagation of ``layerwise`` is used this way). No consensus then.
+    explicit backpropagation of ``layerwise`` is used this way). No consensus then. With ``gradient`` as well,
+    the rows' gradients come from it instead of autograd: ``gradient(state, inputs)`` returns what autograd's
+    pass would, ``({name: gradient}, (totals, matching))`` (``tangent`` writes the second pass out this way);
+    ``objective`` still gives the final losses.
     """
     state = {k: acceleration.lay_out(v.detach().clone()) for k, v in init.items()}
     rows = next(iter(state.values())).shape[0]
@@ -334,11 +351,16 @@ def run_packed(
         inputs = {k: v.detach() for k, v in inputs.items()}
         if any(v.shape[0] != groups for v in inputs.values()):
             raise ValueError(f"every per-reconstruction input must have {groups} rows first")
+    if gradient is not None and not vectorized:
+        raise ValueError("a written-out gradient is for a vectorized objective")
     if vectorized:
         if consensus is not None:
             raise ValueError("a vectorized objective takes no consensus")
         evaluate = objective if inputs is None else functools.partial(_with_inputs, objective, inputs)
-        step = acceleration.wrap(_summed_grad_and_value(evaluate))
+        if gradient is not None:
+            step = acceleration.wrap(gradient if inputs is None else functools.partial(_with_inputs, gradient, inputs))
+        else:
+            step = acceleration.wrap(_summed_grad_and_value(evaluate))
     else:
         plain = groups == 1 and restarts == 1 and not acceleration.compiles
         value_and_grad = (autograd_grad_and_value(objective) if plain

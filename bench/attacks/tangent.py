@@ -1,0 +1,461 @@
+"""The cosine matching loss's gradient with respect to the candidates, without autograd, for plain ConvNets.
+
+Inverting Gradients needs, every iteration, d/dx of D(g(x)) with g(x) = ∇θ L(x, θ) the candidates'
+gradient and D the cosine distance to the observed one. ``layerwise`` writes g out layer by layer
+and lets autograd differentiate that explicit computation. Here the second pass is written out too,
+by the symmetry of second derivatives:
+
+    dD/dx = Σ γ · ∂g/∂x = ∂/∂x ⟨γ, ∇θ L⟩ = d/dε ∇x L(x, θ + ε γ) at ε = 0,   γ = ∂D/∂g (held fixed),
+
+that is, the derivative of the input gradient ∇x L when the weights move along γ: one forward pass
+and one backward pass of tangents beside the usual ones (forward-over-reverse), every candidate set
+with its own γ. There is no autograd graph, and the two convolutions of a layer's tangent (its input's
+tangent through the weights, the weights' tangent on the input) are one grouped convolution over
+concatenated channels, as are the two of its backward tangent. The numbers are those of the autograd
+path up to floating-point order (``tests/unit/test_tangent.py``).
+
+It covers ``nn.Sequential`` victims of ``Conv2d`` (zero padding, one group), ``BatchNorm2d`` (batch or
+running statistics), ``ReLU``, ``AdaptiveAvgPool2d`` to 1×1, ``Flatten``, ``Linear`` and ``Identity``, with
+the mean cross-entropy on class indices or soft labels, and the cosine distance. Anything else raises
+``Unsupported`` and the attack keeps ``layerwise`` with autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leakbench.attacks.layerwise import LayerwiseGradients, Unsupported, _Shape, _leaves, _tiled
+
+_COVERED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Identity)
+
+
+def _add(a, b):
+    """a + b where None stands for zero."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+class CosineMatching:
+    """``grad_and_value(x, y, targets)``: every row's cosine matching loss and its gradient with respect to x.
+
+    ``x`` is rows × B × C × H × W (one candidate set per row), ``y`` rows × B class indices or
+    rows × B × classes soft labels, ``targets`` the rows' observed gradients concatenated in the
+    observation's parameter order (rows × values; ``optimize.flat_targets`` of the per-row targets).
+    Build with ``CosineMatching.build``, which raises ``Unsupported`` for a victim it does not cover.
+    """
+
+    def __init__(self, explicit: LayerwiseGradients):
+        self.layers = explicit.layers
+        self.order = explicit.order
+        self.per_stats = explicit.per_stats
+        self.repeated: dict = {}
+        self.sizes = [self.layers[k].get_parameter(leaf).numel() for k, leaf in self.order]
+
+    @classmethod
+    def build(cls, attacker: nn.Module, observation) -> "CosineMatching":
+        explicit = LayerwiseGradients.build(attacker, observation)
+        for m in explicit.layers:
+            if type(m) not in _COVERED:
+                raise Unsupported(f"layer {type(m).__name__} has no written-out second pass here")
+            if type(m) is nn.Conv2d and m.padding_mode != "zeros":
+                raise Unsupported(f"{m.padding_mode} padding has no written-out second pass here")
+        return cls(explicit)
+
+    # ------------------------------------------------------------------ the passes
+    def grad_and_value(self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor):
+        rows, per_row = x.shape[:2]
+        shape = _Shape(rows=rows, per_row=per_row, per_stats=self.per_stats or per_row, repeated=self.repeated)
+        n = len(self.layers)
+        a = x.reshape(rows * per_row, *x.shape[2:])
+        saved = []
+        for m in self.layers:
+            out, kept = _FORWARD[type(m)](m, a, shape)
+            saved.append((a, out, kept))
+            a = out
+        labels = y.reshape(rows * per_row, *y.shape[2:])
+        probs, g = _loss_gradient(a, labels, per_row)
+        deltas = [None] * n  # deltas[k]: the loss's gradient at layer k's output
+        grads: dict[tuple[int, str], torch.Tensor] = {}
+        wanted = [{leaf for i, leaf in self.order if i == k} for k in range(n)]
+        for k in range(n - 1, -1, -1):
+            deltas[k] = g
+            m = self.layers[k]
+            g, found = _BACKWARD[type(m)](m, g, saved[k], shape, wanted[k], k > 0)
+            grads.update({(k, leaf): t for leaf, t in found.items()})
+        flat = torch.cat([grads[key].reshape(rows, -1) for key in self.order], 1)
+        matching, gamma = _cosine_and_derivative(flat, targets)
+        tangents: dict[tuple[int, str], torch.Tensor] = {}
+        for key, part in zip(self.order, gamma.split(self.sizes, 1)):
+            tangents[key] = part.reshape(rows, *self.layers[key[0]].get_parameter(key[1]).shape)
+        # forward tangents: the activations' derivative along γ (the candidates do not move)
+        dots = [None] * n
+        da = None
+        for k, m in enumerate(self.layers):
+            da = _TANGENT[type(m)](m, da, saved[k], shape, {leaf: tangents.get((k, leaf)) for leaf in ("weight", "bias")})
+            dots[k] = da
+        dg = _loss_tangent(probs, da, labels, per_row)
+        # backward tangents, down to the candidates
+        for k in range(n - 1, -1, -1):
+            m = self.layers[k]
+            dg = _BACKWARD_TANGENT[type(m)](m, dg, deltas[k], saved[k], dots[k - 1] if k else None, shape,
+                                            {leaf: tangents.get((k, leaf)) for leaf in ("weight", "bias")})
+        dx = torch.zeros_like(x) if dg is None else dg.reshape(x.shape)
+        return matching, dx
+
+
+# --------------------------------------------------------------------------- loss and distance
+
+
+def _loss_gradient(logits, y, per_row):
+    p = torch.softmax(logits, 1)
+    if y.dim() == 1:
+        return p, p.scatter_add(1, y.unsqueeze(1), p.new_full((p.shape[0], 1), -1.0)) / per_row
+    return p, (p * y.sum(1, keepdim=True) - y) / per_row
+
+
+def _loss_tangent(p, dlogits, y, per_row):
+    """The derivative of ``_loss_gradient`` along the logits' tangent: the softmax's, p ⊙ (l̇ - Σ p l̇)."""
+    if dlogits is None:
+        return None
+    dp = p * (dlogits - (p * dlogits).sum(1, keepdim=True))
+    if y.dim() == 1:
+        return dp / per_row
+    return dp * (y.sum(1, keepdim=True) / per_row)
+
+
+def _cosine_and_derivative(g: torch.Tensor, t: torch.Tensor):
+    """``optimize.cosine_distance_rows`` on concatenated gradients (rows × values, targets rows × values), and
+    its derivative in g: -t / d + ⟨g, t⟩ |t| g / (|g| d²) with d = |g| |t| + 1e-12."""
+    dot = (g * t).sum(1, keepdim=True)
+    gn = g.pow(2).sum(1, keepdim=True).sqrt()
+    tn = t.pow(2).sum(1, keepdim=True).sqrt()
+    d = gn * tn + 1e-12
+    gamma = (dot * tn / (gn * d * d)) * g - t / d
+    return (1 - dot / d).reshape(-1), gamma
+
+
+# --------------------------------------------------------------------------- layers
+# forward(m, a, shape) -> (out, kept); backward(m, g, (a, out, kept), shape, wanted, need_input) -> (g_in, {leaf: rows})
+# tangent(m, da, (a, out, kept), shape, dtheta) -> d(out); backward_tangent(m, dg, g, (a, out, kept), da, shape,
+# dtheta) -> d(g_in), where g is the loss's gradient at the layer's output and dg its tangent
+
+
+def _sets(t: torch.Tensor, shape: _Shape) -> torch.Tensor:
+    """rows·B × C × H × W -> B × rows·C × H × W (each set's channels side by side: sets as convolution groups)."""
+    rows, per_row = shape.rows, shape.per_row
+    if per_row == 1:
+        return t.reshape(1, rows * t.shape[1], *t.shape[2:])
+    return t.reshape(rows, per_row, *t.shape[1:]).transpose(0, 1).reshape(per_row, rows * t.shape[1], *t.shape[2:])
+
+
+def _unsets(t: torch.Tensor, shape: _Shape) -> torch.Tensor:
+    """The inverse of ``_sets``."""
+    rows, per_row = shape.rows, shape.per_row
+    c = t.shape[1] // rows
+    if per_row == 1:
+        return t.reshape(rows, c, *t.shape[2:])
+    return t.reshape(per_row, rows, c, *t.shape[2:]).transpose(0, 1).reshape(rows * per_row, c, *t.shape[2:])
+
+
+def _per_image(t: torch.Tensor, shape: _Shape) -> torch.Tensor:
+    """rows × C per-set values -> rows·B × C × 1 × 1, broadcastable over each set's images."""
+    if shape.per_row > 1:
+        t = t.repeat_interleave(shape.per_row, 0)
+    return t.reshape(t.shape[0], t.shape[1], *([1] * 2))
+
+
+def _conv_forward(m, a, shape):
+    return F.conv2d(a, m.weight, m.bias, m.stride, m.padding, m.dilation), None
+
+
+def _conv_backward(m, g, saved, shape, wanted, need_input):
+    a = saved[0]
+    grads = {}
+    if "weight" in wanted:
+        weight = _tiled(m.weight, shape.rows, shape.repeated)
+        grads["weight"] = torch.ops.aten.convolution_backward(
+            _sets(g, shape), _sets(a, shape), weight, None, m.stride, m.padding, m.dilation, False, (0, 0),
+            shape.rows, (False, True, False))[1].reshape(shape.rows, *m.weight.shape)
+    if "bias" in wanted:
+        grads["bias"] = shape.by_row(g).sum((1, 3, 4))
+    if not need_input:
+        return None, grads
+    return torch.nn.grad.conv2d_input(a.shape, m.weight, g, m.stride, m.padding, m.dilation), grads
+
+
+def _conv_tangent(m, da, saved, shape, dtheta):
+    """ż = conv(ȧ, W) + conv(a, Ẇ) + ḃ, the first two as one grouped convolution of [ȧ, a] with [W | Ẇ]."""
+    a = saved[0]
+    dw, db = dtheta["weight"], dtheta["bias"]
+    rows = shape.rows
+    out = None
+    if dw is not None and da is not None:
+        w = torch.cat([_tiled(m.weight, rows, shape.repeated).view(rows, *m.weight.shape), dw], 2)
+        both = _sets(torch.cat([da, a], 1), shape)
+        out = _unsets(F.conv2d(both, w.reshape(rows * w.shape[1], *w.shape[2:]), None, m.stride, m.padding,
+                               m.dilation, rows), shape)
+    elif dw is not None:
+        out = _unsets(F.conv2d(_sets(a, shape), dw.reshape(rows * dw.shape[1], *dw.shape[2:]), None, m.stride,
+                               m.padding, m.dilation, rows), shape)
+    elif da is not None:
+        out = F.conv2d(da, m.weight, None, m.stride, m.padding, m.dilation)
+    if db is not None:
+        out = _add(out, _per_image(db, shape))
+    return out
+
+
+def _conv_backward_tangent(m, dg, g, saved, da, shape, dtheta):
+    """d(g_in) = convᵀ(ġ, W) + convᵀ(g, Ẇ), as one grouped transposed convolution of [ġ, g] with [W; Ẇ]."""
+    a = saved[0]
+    dw = dtheta["weight"]
+    rows = shape.rows
+    if dw is None:
+        if dg is None:
+            return None
+        return torch.nn.grad.conv2d_input(a.shape, m.weight, dg, m.stride, m.padding, m.dilation)
+    if dg is None:
+        both, w = _sets(g, shape), dw.reshape(rows * dw.shape[1], *dw.shape[2:])
+    else:
+        both = _sets(torch.cat([dg, g], 1), shape)
+        w = torch.cat([_tiled(m.weight, rows, shape.repeated).view(rows, *m.weight.shape), dw], 1)
+        w = w.reshape(rows * w.shape[1], *w.shape[2:])
+    gi = torch.ops.aten.convolution_backward(both, _sets(a, shape), w, None, m.stride, m.padding, m.dilation, False,
+                                             (0, 0), rows, (True, False, False))[0]
+    return _unsets(gi, shape)
+
+
+def _affine(m):
+    c = m.num_features
+    if m.weight is None:
+        return None, None
+    return m.weight.view(1, c, 1, 1), m.bias.view(1, c, 1, 1)
+
+
+def _bn_stats(t, shape):
+    """A view of rows·B × C × H × W as statistics groups × per_stats × C × H·W, and the dimensions reduced."""
+    return shape.by_stats(t), shape.stats_dims
+
+
+def _batch_norm_forward(m, a, shape):
+    gamma, beta = _affine(m)
+    kept = {"batch": m.training or m.running_mean is None}
+    if kept["batch"]:
+        v, dims = _bn_stats(a, shape)
+        centred = v - v.mean(dims, keepdim=True)
+        rstd = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + m.eps)
+        xs = centred * rstd
+        kept.update(xs=xs, dims=dims)
+        xhat = xs.reshape(a.shape)
+    else:
+        rstd = torch.rsqrt(m.running_var + m.eps).view(1, -1, 1, 1)
+        xhat = (a - m.running_mean.view(1, -1, 1, 1)) * rstd
+    kept.update(xhat=xhat, rstd=rstd)
+    out = xhat if gamma is None else torch.addcmul(beta, xhat, gamma)
+    return out, kept
+
+
+def _project(u, xhat, dims):
+    """P(u) = u - mean u - x̂ mean(u x̂) over the statistics dimensions (views by_stats)."""
+    return u - u.mean(dims, keepdim=True) - xhat * (u * xhat).mean(dims, keepdim=True)
+
+
+def _batch_norm_backward(m, g, saved, shape, wanted, need_input):
+    kept = saved[2]
+    xhat, rstd = kept["xhat"], kept["rstd"]
+    gamma, _ = _affine(m)
+    grads = {}
+    if not kept["batch"]:
+        if "weight" in wanted:
+            grads["weight"] = shape.by_row(g * xhat).sum((1, 3, 4))
+        if "bias" in wanted:
+            grads["bias"] = shape.by_row(g).sum((1, 3, 4))
+        return ((g if gamma is None else g * gamma) * rstd if need_input else None), grads
+    xs, dims = kept["xs"], kept["dims"]
+    gs = shape.by_stats(g)
+    c, mean = (gs * xs).mean(dims, keepdim=True), gs.mean(dims, keepdim=True)
+    count = g.numel() // c.numel()  # values per statistic: a row's sums are its groups' means times this
+    if "weight" in wanted:
+        grads["weight"] = (c * count).reshape(shape.rows, -1, g.shape[1]).sum(1)
+    if "bias" in wanted:
+        grads["bias"] = (mean * count).reshape(shape.rows, -1, g.shape[1]).sum(1)
+    q = gs - mean - xs * c  # P(g), kept for the backward tangent
+    kept.update(q=q, c=c)
+    if not need_input:
+        return None, grads
+    scale = rstd if gamma is None else gamma.view(1, 1, -1, 1) * rstd
+    return (scale * q).reshape(g.shape), grads
+
+
+def _batch_norm_tangent(m, da, saved, shape, dtheta):
+    """ȯut = γ̇ x̂ + γ ẋ + β̇ with ẋ = rstd P(ż) (batch statistics) or rstd ż (running ones)."""
+    kept = saved[2]
+    xhat, rstd = kept["xhat"], kept["rstd"]
+    gamma, _ = _affine(m)
+    out = None
+    if da is not None:
+        if kept["batch"]:
+            xs, dims = kept["xs"], kept["dims"]
+            zs = shape.by_stats(da)
+            zx = (zs * xs).mean(dims, keepdim=True)
+            dxs = rstd * (zs - zs.mean(dims, keepdim=True) - xs * zx)  # rstd P(ż)
+            kept.update(dxs=dxs, drstd=-rstd * rstd * zx)  # for the backward tangent
+            dx = dxs.reshape(da.shape)
+        else:
+            dx = da * rstd
+        out = dx if gamma is None else dx * gamma
+    if dtheta["weight"] is not None:
+        out = _add(out, xhat * _per_image(dtheta["weight"], shape))
+    if dtheta["bias"] is not None:
+        out = _add(out, _per_image(dtheta["bias"], shape))
+    return out
+
+
+def _batch_norm_backward_tangent(m, dg, g, saved, da, shape, dtheta):
+    """The tangent of g_in = γ rstd P(g) (batch statistics; with x̂, rstd and P moving with ż) or γ rstd g."""
+    kept = saved[2]
+    rstd = kept["rstd"]
+    gamma, _ = _affine(m)
+    dgamma = None if dtheta["weight"] is None else _per_image(dtheta["weight"], shape)
+    if not kept["batch"]:
+        out = None if dg is None else dg * rstd * (1 if gamma is None else gamma)
+        return out if dgamma is None else _add(out, g * rstd * dgamma)
+    xs, dims, q, c = kept["xs"], kept["dims"], kept["q"], kept["c"]
+    dq = None
+    if da is not None:  # the statistics move with ż: ẋ and ṙstd from the forward tangent
+        dxs = kept["dxs"]
+        gs = shape.by_stats(g)
+        dq = -(dxs * c + xs * (gs * dxs).mean(dims, keepdim=True))
+    if dg is not None:
+        dq = _add(dq, _project(shape.by_stats(dg), xs, dims))
+    scale = 1 if gamma is None else gamma.view(1, 1, -1, 1)
+    out = None
+    if dq is not None:
+        out = (scale * rstd) * dq
+    if da is not None:
+        out = _add(out, (scale * kept["drstd"]) * q)
+    if dgamma is not None:
+        out = _add(out, (shape.by_stats(dgamma) * rstd) * q)
+    return None if out is None else out.reshape(g.shape)
+
+
+def _relu_forward(m, a, shape):
+    return F.relu(a), None
+
+
+def _relu_backward(m, g, saved, shape, wanted, need_input):
+    return (torch.ops.aten.threshold_backward(g, saved[1], 0) if need_input else None), {}
+
+
+def _relu_tangent(m, da, saved, shape, dtheta):
+    return None if da is None else torch.ops.aten.threshold_backward(da, saved[1], 0)
+
+
+def _relu_backward_tangent(m, dg, g, saved, da, shape, dtheta):
+    return None if dg is None else torch.ops.aten.threshold_backward(dg, saved[1], 0)
+
+
+def _pool_forward(m, a, shape):
+    if m.output_size not in (1, (1, 1)):
+        raise Unsupported(f"adaptive pooling to {m.output_size}")
+    return a.mean((2, 3), keepdim=True), None
+
+
+def _pool_backward(m, g, saved, shape, wanted, need_input):
+    a = saved[0]
+    return ((g / (a.shape[2] * a.shape[3])).expand(a.shape) if need_input else None), {}
+
+
+def _pool_tangent(m, da, saved, shape, dtheta):
+    return None if da is None else da.mean((2, 3), keepdim=True)
+
+
+def _pool_backward_tangent(m, dg, g, saved, da, shape, dtheta):
+    a = saved[0]
+    return None if dg is None else (dg / (a.shape[2] * a.shape[3])).expand(a.shape)
+
+
+def _flatten_forward(m, a, shape):
+    return a.flatten(1), None
+
+
+def _flatten_backward(m, g, saved, shape, wanted, need_input):
+    return (g.reshape(saved[0].shape) if need_input else None), {}
+
+
+def _flatten_tangent(m, da, saved, shape, dtheta):
+    return None if da is None else da.flatten(1)
+
+
+def _flatten_backward_tangent(m, dg, g, saved, da, shape, dtheta):
+    return None if dg is None else dg.reshape(saved[0].shape)
+
+
+def _linear_forward(m, a, shape):
+    if a.dim() != 2:
+        raise Unsupported(f"a Linear layer applied to {a.dim()}-D activations")
+    return F.linear(a, m.weight, m.bias), None
+
+
+def _linear_backward(m, g, saved, shape, wanted, need_input):
+    a = saved[0]
+    rows = shape.by_row(g)
+    grads = {}
+    if "weight" in wanted:
+        grads["weight"] = torch.bmm(rows.transpose(1, 2), shape.by_row(a))
+    if "bias" in wanted:
+        grads["bias"] = rows.sum(1)
+    return (g @ m.weight if need_input else None), grads
+
+
+def _linear_tangent(m, da, saved, shape, dtheta):
+    a = saved[0]
+    out = None if da is None else F.linear(da, m.weight)
+    if dtheta["weight"] is not None:
+        out = _add(out, torch.bmm(shape.by_row(a), dtheta["weight"].transpose(1, 2)).reshape(a.shape[0], -1))
+    if dtheta["bias"] is not None:
+        b = dtheta["bias"]
+        out = _add(out, b.repeat_interleave(shape.per_row, 0) if shape.per_row > 1 else b)
+    return out
+
+
+def _linear_backward_tangent(m, dg, g, saved, da, shape, dtheta):
+    out = None if dg is None else dg @ m.weight
+    if dtheta["weight"] is not None:
+        out = _add(out, torch.bmm(shape.by_row(g), dtheta["weight"]).reshape(g.shape[0], -1))
+    return out
+
+
+def _identity_forward(m, a, shape):
+    return a, None
+
+
+def _identity_backward(m, g, saved, shape, wanted, need_input):
+    return (g if need_input else None), {}
+
+
+def _identity_tangent(m, da, saved, shape, dtheta):
+    return da
+
+
+def _identity_backward_tangent(m, dg, g, saved, da, shape, dtheta):
+    return dg
+
+
+_FORWARD = {nn.Conv2d: _conv_forward, nn.BatchNorm2d: _batch_norm_forward, nn.ReLU: _relu_forward,
+            nn.AdaptiveAvgPool2d: _pool_forward, nn.Flatten: _flatten_forward, nn.Linear: _linear_forward,
+            nn.Identity: _identity_forward}
+_BACKWARD = {nn.Conv2d: _conv_backward, nn.BatchNorm2d: _batch_norm_backward, nn.ReLU: _relu_backward,
+             nn.AdaptiveAvgPool2d: _pool_backward, nn.Flatten: _flatten_backward, nn.Linear: _linear_backward,
+             nn.Identity: _identity_backward}
+_TANGENT = {nn.Conv2d: _conv_tangent, nn.BatchNorm2d: _batch_norm_tangent, nn.ReLU: _relu_tangent,
+            nn.AdaptiveAvgPool2d: _pool_tangent, nn.Flatten: _flatten_tangent, nn.Linear: _linear_tangent,
+            nn.Identity: _identity_tangent}
+_BACKWARD_TANGENT = {nn.Conv2d: _conv_backward_tangent, nn.BatchNorm2d: _batch_norm_backward_tangent,
+                     nn.ReLU: _relu_backward_tangent, nn.AdaptiveAvgPool2d: _pool_backward_tangent,
+                     nn.Flatten: _flatten_backward_tangent, nn.Linear: _linear_backward_tangent,
+                     nn.Identity: _identity_backward_tangent}

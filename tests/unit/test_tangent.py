@@ -1,0 +1,96 @@
+"""The written-out second pass (``tangent``) gives autograd's gradient of the cosine matching loss."""
+
+import pytest
+import torch
+
+from leakbench.attacks.common import attacker_model
+from leakbench.attacks.layerwise import LayerwiseGradients, Unsupported
+from leakbench.attacks.optimize import (
+    Schedule,
+    cosine_distance_rows,
+    flat_targets,
+    run_packed,
+    target_gradients,
+    total_variation_rows,
+    total_variation_rows_gradient,
+)
+from leakbench.attacks.tangent import CosineMatching
+from leakbench.core import ThreatModel, generator
+from leakbench.defenses import DEFENSES
+from leakbench.fl import PROTOCOLS
+from leakbench.victims import build_victim
+
+CPU = torch.device("cpu")
+
+
+def _setting(smooth_batch, victim, params, *, bn_mode="train", batch_size=2, clients=1):
+    batch = smooth_batch(batch_size, side=16)
+    model = build_victim(victim, params, num_classes=8, in_channels=3, side=16, seed=0)
+    obs, client = PROTOCOLS.build("fedsgd", batch_size=batch_size, bn_mode=bn_mode, clients=clients).client_update(
+        model, batch, defense=DEFENSES.build("none"), threat=ThreatModel(), generator=generator(0))
+    return obs, attacker_model(client, obs, CPU).double()
+
+
+def _autograd(attacker, obs, x, y, targets):
+    """What the attack did before: autograd through ``layerwise``'s explicit backward and the rows distance."""
+    x = x.detach().requires_grad_(True)
+    matching = cosine_distance_rows(LayerwiseGradients.build(attacker, obs)(x, y), targets)
+    return matching.detach(), torch.autograd.grad(matching.sum(), x)[0]
+
+
+@pytest.mark.parametrize("victim,params,bn_mode,batch_size,clients", [
+    ("convnet", {"width": 4}, "train", 2, 1),  # BatchNorm on each candidate set's own statistics
+    ("convnet", {"width": 4}, "train", 1, 1),  # one image per set: sets as groups without a transpose
+    ("convnet", {"width": 4}, "train", 4, 2),  # two clients: statistics over half a set each
+    ("convnet", {"width": 4}, "eval", 2, 1),  # running statistics
+    ("convnet", {"width": 4, "norm": "none"}, "train", 2, 1),  # conv biases, no normalization
+    ("fc", {"hidden": 16}, "train", 2, 1),  # linear layers only
+])
+def test_the_written_out_gradient_is_autograds(smooth_batch, victim, params, bn_mode, batch_size, clients):
+    obs, attacker = _setting(smooth_batch, victim, params, bn_mode=bn_mode, batch_size=batch_size, clients=clients)
+    rows = 3
+    x = torch.randn(rows, batch_size, 3, 16, 16, generator=generator(1), dtype=torch.float64)
+    y = torch.randint(0, 8, (rows, batch_size), generator=generator(2))
+    targets = torch.stack([flat_targets(tuple(t.unsqueeze(0) for t in target_gradients(obs, CPU)))[0].double()
+                           + 0.1 * r for r in range(rows)])  # a different target per row
+    expected_loss, expected = _autograd(attacker, obs, x, y, targets)
+    loss, dx = CosineMatching.build(attacker, obs).grad_and_value(x, y, targets)
+    assert torch.allclose(loss, expected_loss, rtol=1e-10, atol=1e-12)
+    assert (dx - expected).abs().max() <= 1e-9 * expected.abs().max()
+    assert expected.abs().max() > 0  # a real gradient, not two zeros
+
+
+def test_soft_labels(smooth_batch):
+    obs, attacker = _setting(smooth_batch, "convnet", {"width": 4})
+    x = torch.randn(2, 2, 3, 16, 16, generator=generator(3), dtype=torch.float64)
+    y = torch.softmax(torch.randn(2, 2, 8, generator=generator(4), dtype=torch.float64), -1)
+    targets = flat_targets(tuple(t.unsqueeze(0) for t in target_gradients(obs, CPU))).double().repeat(2, 1)
+    expected_loss, expected = _autograd(attacker, obs, x, y, targets)
+    loss, dx = CosineMatching.build(attacker, obs).grad_and_value(x, y, targets)
+    assert torch.allclose(loss, expected_loss, rtol=1e-10, atol=1e-12)
+    assert (dx - expected).abs().max() <= 1e-9 * expected.abs().max()
+
+
+@pytest.mark.parametrize("victim,params", [
+    ("lenet", {}),  # sigmoid activations
+    ("convnet", {"width": 4, "padding_mode": "reflect"}),
+    ("convnet", {"width": 4, "norm": "group"}),
+])
+def test_what_it_does_not_cover_is_refused_by_name(smooth_batch, victim, params):
+    obs, attacker = _setting(smooth_batch, victim, params)
+    with pytest.raises(Unsupported, match="written-out second pass"):
+        CosineMatching.build(attacker, obs)
+
+
+def test_the_total_variation_gradient_is_autograds():
+    x = torch.randn(3, 2, 3, 7, 5, generator=generator(5), dtype=torch.float64)
+    x[0, 0, 0, 1, 1] = x[0, 0, 0, 1, 2]  # an equal pair: autograd's abs has slope 0 there
+    leaf = x.clone().requires_grad_(True)
+    expected, = torch.autograd.grad(total_variation_rows(leaf).sum(), leaf)
+    assert torch.allclose(total_variation_rows_gradient(x), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_a_written_out_gradient_needs_a_vectorized_objective():
+    with pytest.raises(ValueError, match="vectorized"):
+        run_packed(lambda s: (s["x"].sum(), s["x"].sum()), {"x": torch.zeros(1, 3)}, groups=1,
+                   schedule=Schedule(iterations=1, lr=0.1), gradient=lambda s: ({"x": s["x"]}, (None, None)))
