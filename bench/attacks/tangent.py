@@ -283,7 +283,7 @@ def _batch_norm_backward(m, g, saved, shape, wanted, need_input):
         grads["weight"] = (c * count).reshape(shape.rows, -1, g.shape[1]).sum(1)
     if "bias" in wanted:
         grads["bias"] = (mean * count).reshape(shape.rows, -1, g.shape[1]).sum(1)
-    q = gs - mean - xs * c  # P(g), kept for the backward tangent
+    q = torch.addcmul(gs - mean, xs, c, value=-1)  # P(g), kept for the backward tangent
     kept.update(q=q, c=c)
     if not need_input:
         return None, grads
@@ -302,16 +302,17 @@ def _batch_norm_tangent(m, da, saved, shape, dtheta):
             xs, dims = kept["xs"], kept["dims"]
             zs = shape.by_stats(da)
             zx = (zs * xs).mean(dims, keepdim=True)
-            dxs = rstd * (zs - zs.mean(dims, keepdim=True) - xs * zx)  # rstd P(ż)
+            dxs = torch.addcmul(zs - zs.mean(dims, keepdim=True), xs, zx, value=-1).mul_(rstd)  # rstd P(ż)
             kept.update(dxs=dxs, drstd=-rstd * rstd * zx)  # for the backward tangent
             dx = dxs.reshape(da.shape)
         else:
             dx = da * rstd
         out = dx if gamma is None else dx * gamma
-    if dtheta["weight"] is not None:
-        out = _add(out, xhat * _per_image(dtheta["weight"], shape))
     if dtheta["bias"] is not None:
         out = _add(out, _per_image(dtheta["bias"], shape))
+    if dtheta["weight"] is not None:
+        dgamma = _per_image(dtheta["weight"], shape)
+        out = xhat * dgamma if out is None else torch.addcmul(out, xhat, dgamma)
     return out
 
 
@@ -325,21 +326,26 @@ def _batch_norm_backward_tangent(m, dg, g, saved, da, shape, dtheta):
         out = None if dg is None else dg * rstd * (1 if gamma is None else gamma)
         return out if dgamma is None else _add(out, g * rstd * dgamma)
     xs, dims, q, c = kept["xs"], kept["dims"], kept["q"], kept["c"]
-    dq = None
+    # d(g_in) = γ rstd q̇ + (γ ṙstd + γ̇ rstd) q, with q = P(g) and
+    # q̇ = P(ġ) - ẋ c - x̂ mean(g ẋ) = ġ - mean ġ - ẋ c - x̂ (mean(ġ x̂) + mean(g ẋ))
+    scale = 1 if gamma is None else gamma.view(1, 1, -1, 1)
+    dq, k, coef = None, None, None
+    if dg is not None:
+        ds = shape.by_stats(dg)
+        dq = ds - ds.mean(dims, keepdim=True)
+        k = (ds * xs).mean(dims, keepdim=True)
     if da is not None:  # the statistics move with ż: ẋ and ṙstd from the forward tangent
         dxs = kept["dxs"]
-        gs = shape.by_stats(g)
-        dq = -(dxs * c + xs * (gs * dxs).mean(dims, keepdim=True))
-    if dg is not None:
-        dq = _add(dq, _project(shape.by_stats(dg), xs, dims))
-    scale = 1 if gamma is None else gamma.view(1, 1, -1, 1)
-    out = None
-    if dq is not None:
-        out = (scale * rstd) * dq
-    if da is not None:
-        out = _add(out, (scale * kept["drstd"]) * q)
+        k = _add(k, (shape.by_stats(g) * dxs).mean(dims, keepdim=True))
+        dq = dxs * (-c) if dq is None else torch.addcmul(dq, dxs, c, value=-1)
+        coef = scale * kept["drstd"]
+    if k is not None:
+        dq = torch.addcmul(dq, xs, k, value=-1)
     if dgamma is not None:
-        out = _add(out, (shape.by_stats(dgamma) * rstd) * q)
+        coef = _add(coef, shape.by_stats(dgamma) * rstd)
+    out = None if dq is None else dq * (scale * rstd)
+    if coef is not None:
+        out = q * coef if out is None else torch.addcmul(out, q, coef)
     return None if out is None else out.reshape(g.shape)
 
 
