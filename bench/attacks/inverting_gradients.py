@@ -35,7 +35,7 @@ from leakbench.attacks.optimize import (
     target_gradients,
     total_variation,
     total_variation_rows,
-    total_variation_rows_gradient,
+    total_variation_rows_and_gradient,
 )
 from leakbench.attacks.registry import ATTACKS
 from leakbench.core import Attack, Observation, ParamError, Reconstruction
@@ -104,8 +104,8 @@ class InvertingGradients(PackedAttack):
                     def gradient(state, given):
                         x = state["x"]
                         matching, dx = written.grad_and_value(x, labels, rows_targets)
-                        total = matching + tv_weight * total_variation_rows(x)
-                        return {"x": dx + tv_weight * total_variation_rows_gradient(x)}, (total, matching)
+                        tv, dtv = total_variation_rows_and_gradient(x)
+                        return {"x": dx.add_(dtv, alpha=tv_weight)}, (matching + tv_weight * tv, matching)
 
         x0 = torch.cat([initial_images(o, restarts=self.restarts, init=self.init, generator=g, device=device)
                         for o, g in zip(observations, generators)])
