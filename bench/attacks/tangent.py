@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leakbench.attacks.layerwise import LayerwiseGradients, Unsupported, _Shape, _leaves, _tiled
+from leakbench.attacks import layerwise
+from leakbench.attacks.layerwise import LayerwiseGradients, Unsupported, _Shape, _tiled
 
 _COVERED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Identity)
 
@@ -408,14 +409,7 @@ def _linear_forward(m, a, shape):
 
 
 def _linear_backward(m, g, saved, shape, wanted, need_input):
-    a = saved[0]
-    rows = shape.by_row(g)
-    grads = {}
-    if "weight" in wanted:
-        grads["weight"] = torch.bmm(rows.transpose(1, 2), shape.by_row(a))
-    if "bias" in wanted:
-        grads["bias"] = rows.sum(1)
-    return (g @ m.weight if need_input else None), grads
+    return layerwise._linear_backward(m, g, saved[0], shape, wanted, need_input)
 
 
 def _linear_tangent(m, da, saved, shape, dtheta):
