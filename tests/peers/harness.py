@@ -133,7 +133,7 @@ def run_comparison(case: Case, *, window: int = 2) -> dict:
 
     The packed ratio of a window is the reference's mean time per reconstruction in that window, times the
     number of images, over that window's pack time; ``packed_speed_ratio`` is the median over windows. A single
-    pack timed after the whole loop (as this benchmark did before) moved by a third between two runs on a
+    pack timed after the whole loop (as this benchmark did before) moved by a quarter between two runs on a
     shared 2-core machine, when the machine's speed changed between the loop and the pack."""
     reference = Reference(case)
     ours = leakbench_attack(case, float(reference.cfg.regularization.total_variation.scale))
