@@ -120,17 +120,19 @@ def _conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, padding, 
     """Every set's weight gradient of a convolution, rows × weight shape: one grouped convolution backward with
     the sets as groups (each set's B candidates as the batch it sums over), which measured faster on a CPU than
     ``torch.vmap`` of the per-set backward, with or without its own derivative."""
-    rows, per_row = shape.rows, shape.per_row
-
-    def sets_as_channels(t: torch.Tensor) -> torch.Tensor:  # rows·B × C × H × W -> B × rows·C × H × W
-        if per_row == 1:  # one view, not three operations each with its derivative
-            return t.reshape(1, rows * t.shape[1], *t.shape[2:])
-        return t.reshape(rows, per_row, *t.shape[1:]).transpose(0, 1).reshape(per_row, rows * t.shape[1], *t.shape[2:])
-
+    rows = shape.rows
     weight = m.weight if rows == 1 else _tiled(m.weight, rows, shape.repeated)
-    grad = torch.ops.aten.convolution_backward(sets_as_channels(g), sets_as_channels(a), weight, None, m.stride,
+    grad = torch.ops.aten.convolution_backward(_sets(g, shape), _sets(a, shape), weight, None, m.stride,
                                                padding, m.dilation, False, (0, 0), rows, (False, True, False))[1]
     return grad.reshape(rows, *m.weight.shape)
+
+
+def _sets(t: torch.Tensor, shape: _Shape) -> torch.Tensor:
+    """rows·B × C × H × W -> B × rows·C × H × W: each set's channels side by side, the sets as convolution groups."""
+    rows, per_row = shape.rows, shape.per_row
+    if per_row == 1:  # one view, not three operations each with its derivative
+        return t.reshape(1, rows * t.shape[1], *t.shape[2:])
+    return t.reshape(rows, per_row, *t.shape[1:]).transpose(0, 1).reshape(per_row, rows * t.shape[1], *t.shape[2:])
 
 
 def _tiled(weight: torch.Tensor, rows: int, kept: dict) -> torch.Tensor:
@@ -453,7 +455,12 @@ class LayerwiseGradients:
 
 def _loss_gradient(logits: torch.Tensor, y: torch.Tensor, per_row: int) -> torch.Tensor:
     """d/dlogits of each set's mean cross-entropy (``F.cross_entropy``'s, for indices or probabilities)."""
+    return _softmax_and_loss_gradient(logits, y, per_row)[1]
+
+
+def _softmax_and_loss_gradient(logits: torch.Tensor, y: torch.Tensor, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax of the logits and ``_loss_gradient`` (``tangent`` needs both)."""
     p = torch.softmax(logits, 1)
     if y.dim() == 1:  # p - one_hot(y), without one_hot's check of the labels' range (a host sync per call)
-        return p.scatter_add(1, y.unsqueeze(1), p.new_full((p.shape[0], 1), -1.0)) / per_row
-    return (p * y.sum(1, keepdim=True) - y) / per_row
+        return p, p.scatter_add(1, y.unsqueeze(1), p.new_full((p.shape[0], 1), -1.0)) / per_row
+    return p, (p * y.sum(1, keepdim=True) - y) / per_row

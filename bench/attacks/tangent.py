@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from leakbench.attacks import layerwise
-from leakbench.attacks.layerwise import LayerwiseGradients, Unsupported, _Shape, _tiled
+from leakbench.attacks.layerwise import (
+    LayerwiseGradients,
+    Unsupported,
+    _conv_weight_grads,
+    _Shape,
+    _sets,
+    _softmax_and_loss_gradient,
+    _tiled,
+)
 
 _COVERED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Identity)
 
@@ -54,8 +62,10 @@ class CosineMatching:
         self.layers = explicit.layers
         self.order = explicit.order
         self.per_stats = explicit.per_stats
+        self.wanted = explicit.wanted
         self.repeated: dict = {}
-        self.sizes = [self.layers[k].get_parameter(leaf).numel() for k, leaf in self.order]
+        self.shapes = [self.layers[k].get_parameter(leaf).shape for k, leaf in self.order]
+        self.sizes = [shape.numel() for shape in self.shapes]
 
     @classmethod
     def build(cls, attacker: nn.Module, observation) -> "CosineMatching":
@@ -79,20 +89,19 @@ class CosineMatching:
             saved.append((a, out, kept))
             a = out
         labels = y.reshape(rows * per_row, *y.shape[2:])
-        probs, g = _loss_gradient(a, labels, per_row)
+        probs, g = _softmax_and_loss_gradient(a, labels, per_row)
         deltas = [None] * n  # deltas[k]: the loss's gradient at layer k's output
         grads: dict[tuple[int, str], torch.Tensor] = {}
-        wanted = [{leaf for i, leaf in self.order if i == k} for k in range(n)]
         for k in range(n - 1, -1, -1):
             deltas[k] = g
             m = self.layers[k]
-            g, found = _BACKWARD[type(m)](m, g, saved[k], shape, wanted[k], k > 0)
+            g, found = _BACKWARD[type(m)](m, g, saved[k], shape, self.wanted[k], k > 0)
             grads.update({(k, leaf): t for leaf, t in found.items()})
         flat = torch.cat([grads[key].reshape(rows, -1) for key in self.order], 1)
         matching, gamma = _cosine_and_derivative(flat, targets)
         tangents: dict[tuple[int, str], torch.Tensor] = {}
-        for key, part in zip(self.order, gamma.split(self.sizes, 1)):
-            tangents[key] = part.reshape(rows, *self.layers[key[0]].get_parameter(key[1]).shape)
+        for key, part, param_shape in zip(self.order, gamma.split(self.sizes, 1), self.shapes):
+            tangents[key] = part.reshape(rows, *param_shape)
         # forward tangents: the activations' derivative along γ (the candidates do not move)
         dots = [None] * n
         da = None
@@ -112,15 +121,8 @@ class CosineMatching:
 # --------------------------------------------------------------------------- loss and distance
 
 
-def _loss_gradient(logits, y, per_row):
-    p = torch.softmax(logits, 1)
-    if y.dim() == 1:
-        return p, p.scatter_add(1, y.unsqueeze(1), p.new_full((p.shape[0], 1), -1.0)) / per_row
-    return p, (p * y.sum(1, keepdim=True) - y) / per_row
-
-
 def _loss_tangent(p, dlogits, y, per_row):
-    """The derivative of ``_loss_gradient`` along the logits' tangent: the softmax's, p ⊙ (l̇ - Σ p l̇)."""
+    """The derivative of ``layerwise._loss_gradient`` along the logits' tangent: the softmax's, p ⊙ (l̇ - Σ p l̇)."""
     if dlogits is None:
         return None
     dp = p * (dlogits - (p * dlogits).sum(1, keepdim=True))
@@ -146,16 +148,8 @@ def _cosine_and_derivative(g: torch.Tensor, t: torch.Tensor):
 # dtheta) -> d(g_in), where g is the loss's gradient at the layer's output and dg its tangent
 
 
-def _sets(t: torch.Tensor, shape: _Shape) -> torch.Tensor:
-    """rows·B × C × H × W -> B × rows·C × H × W (each set's channels side by side: sets as convolution groups)."""
-    rows, per_row = shape.rows, shape.per_row
-    if per_row == 1:
-        return t.reshape(1, rows * t.shape[1], *t.shape[2:])
-    return t.reshape(rows, per_row, *t.shape[1:]).transpose(0, 1).reshape(per_row, rows * t.shape[1], *t.shape[2:])
-
-
 def _unsets(t: torch.Tensor, shape: _Shape) -> torch.Tensor:
-    """The inverse of ``_sets``."""
+    """The inverse of ``layerwise._sets``."""
     rows, per_row = shape.rows, shape.per_row
     c = t.shape[1] // rows
     if per_row == 1:
@@ -178,10 +172,7 @@ def _conv_backward(m, g, saved, shape, wanted, need_input):
     a = saved[0]
     grads = {}
     if "weight" in wanted:
-        weight = _tiled(m.weight, shape.rows, shape.repeated)
-        grads["weight"] = torch.ops.aten.convolution_backward(
-            _sets(g, shape), _sets(a, shape), weight, None, m.stride, m.padding, m.dilation, False, (0, 0),
-            shape.rows, (False, True, False))[1].reshape(shape.rows, *m.weight.shape)
+        grads["weight"] = _conv_weight_grads(m, a, g, m.padding, shape)
     if "bias" in wanted:
         grads["bias"] = shape.by_row(g).sum((1, 3, 4))
     if not need_input:
@@ -258,11 +249,6 @@ def _batch_norm_forward(m, a, shape):
     kept.update(xhat=xhat, rstd=rstd)
     out = xhat if gamma is None else torch.addcmul(beta, xhat, gamma)
     return out, kept
-
-
-def _project(u, xhat, dims):
-    """P(u) = u - mean u - x̂ mean(u x̂) over the statistics dimensions (views by_stats)."""
-    return u - u.mean(dims, keepdim=True) - xhat * (u * xhat).mean(dims, keepdim=True)
 
 
 def _batch_norm_backward(m, g, saved, shape, wanted, need_input):
@@ -366,9 +352,7 @@ def _relu_backward_tangent(m, dg, g, saved, da, shape, dtheta):
     return None if dg is None else torch.ops.aten.threshold_backward(dg, saved[1], 0)
 
 
-def _pool_forward(m, a, shape):
-    if m.output_size not in (1, (1, 1)):
-        raise Unsupported(f"adaptive pooling to {m.output_size}")
+def _pool_forward(m, a, shape):  # to 1 × 1 only: ``LayerwiseGradients.build`` refuses other sizes
     return a.mean((2, 3), keepdim=True), None
 
 
