@@ -164,14 +164,55 @@ def _per_image(t: torch.Tensor, shape: _Shape) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], *([1] * 2))
 
 
+#: a convolution whose patches (im2col: every output position's receptive field, for all candidates) hold at most
+#: this many values keeps them from its forward pass and computes its weights' gradient and its weights' tangent as
+#: batched matrix products with them. On an 8-image ConvNet pack at 32 × 32 on a 2-core CPU that was faster than
+#: the grouped convolutions with one image per group for the first layer (27 × 1024 values per image: 0.13 ms
+#: for the patches, the forward pass, both products, against 0.61 ms) and the last (288 × 64: 0.47 against 0.60 ms),
+#: and no faster for the two between (over 2^18 values).
+PATCHES_MAX_VALUES = 1 << 18
+
+
+def _patches(m, a: torch.Tensor) -> torch.Tensor | None:
+    """im2col of ``a`` for ``m``, N × C·kh·kw × P (F.unfold's layout, from one strided view of the padded input,
+    about four times faster than F.unfold here), or None where the patches would be larger than
+    ``PATCHES_MAX_VALUES``."""
+    n, c, h, w = a.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if n * c * kh * kw * oh * ow > PATCHES_MAX_VALUES:
+        return None
+    padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    s = padded.stride()
+    view = padded.as_strided((n, c, kh, kw, oh, ow), (s[0], s[1], s[2] * dh, s[3] * dw, s[2] * sh, s[3] * sw))
+    return view.reshape(n, c * kh * kw, oh * ow)
+
+
 def _conv_forward(m, a, shape):
-    return F.conv2d(a, m.weight, m.bias, m.stride, m.padding, m.dilation), None
+    cols = _patches(m, a)
+    if cols is None:
+        return F.conv2d(a, m.weight, m.bias, m.stride, m.padding, m.dilation), None
+    out = torch.matmul(m.weight.view(m.out_channels, -1), cols)
+    if m.bias is not None:
+        out = out + m.bias.view(1, -1, 1)
+    oh, ow = _output_size(m, a)
+    return out.view(a.shape[0], m.out_channels, oh, ow), cols
+
+
+def _output_size(m, a):
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip(a.shape[2:], m.kernel_size, m.stride, m.padding, m.dilation))
 
 
 def _conv_backward(m, g, saved, shape, wanted, need_input):
-    a = saved[0]
+    a, cols = saved[0], saved[2]
     grads = {}
-    if "weight" in wanted:
+    if "weight" in wanted and cols is not None:  # Σ over each set's images of g · patchesᵀ
+        per_image = torch.bmm(g.view(g.shape[0], g.shape[1], -1), cols.transpose(1, 2))
+        if shape.per_row > 1:
+            per_image = per_image.view(shape.rows, shape.per_row, *per_image.shape[1:]).sum(1)
+        grads["weight"] = per_image.view(shape.rows, *m.weight.shape)
+    elif "weight" in wanted:
         grads["weight"] = _conv_weight_grads(m, a, g, m.padding, shape)
     if "bias" in wanted:
         grads["bias"] = shape.by_row(g).sum((1, 3, 4))
@@ -182,11 +223,17 @@ def _conv_backward(m, g, saved, shape, wanted, need_input):
 
 def _conv_tangent(m, da, saved, shape, dtheta):
     """ż = conv(ȧ, W) + conv(a, Ẇ) + ḃ, the first two as one grouped convolution of [ȧ, a] with [W | Ẇ]."""
-    a = saved[0]
+    a, cols = saved[0], saved[2]
     dw, db = dtheta["weight"], dtheta["bias"]
     rows = shape.rows
     out = None
-    if dw is not None and da is not None:
+    if dw is not None and cols is not None:  # conv(ȧ, W) on its own, conv(a, Ẇ) as Ẇ · patches
+        per_set = dw.view(rows, 1, dw.shape[1], -1)
+        out = torch.matmul(per_set, cols.view(rows, shape.per_row, *cols.shape[1:])).view(a.shape[0], dw.shape[1],
+                                                                                       *_output_size(m, a))
+        if da is not None:
+            out = out + F.conv2d(da, m.weight, None, m.stride, m.padding, m.dilation)
+    elif dw is not None and da is not None:
         w = torch.cat([_tiled(m.weight, rows, shape.repeated).view(rows, *m.weight.shape), dw], 2)
         both = _sets(torch.cat([da, a], 1), shape)
         out = _unsets(F.conv2d(both, w.reshape(rows * w.shape[1], *w.shape[2:]), None, m.stride, m.padding,

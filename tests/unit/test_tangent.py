@@ -14,7 +14,8 @@ from leakbench.attacks.optimize import (
     total_variation_rows,
     total_variation_rows_and_gradient,
 )
-from leakbench.attacks.tangent import CosineMatching
+from leakbench.attacks import tangent
+from leakbench.attacks.tangent import CosineMatching, _patches
 from leakbench.core import ThreatModel, generator
 from leakbench.defenses import DEFENSES
 from leakbench.fl import PROTOCOLS
@@ -38,6 +39,14 @@ def _autograd(attacker, obs, x, y, targets):
     return matching.detach(), torch.autograd.grad(matching.sum(), x)[0]
 
 
+@pytest.fixture(params=["patches", "grouped"])
+def convolutions(request, monkeypatch):
+    """Both ways ``tangent`` computes a convolution's weight gradient and weight tangent: batched products with the
+    layer's patches (every layer at these sizes), and grouped convolutions (no layer)."""
+    monkeypatch.setattr(tangent, "PATCHES_MAX_VALUES", 1 << 40 if request.param == "patches" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("victim,params,bn_mode,batch_size,clients", [
     ("convnet", {"width": 4}, "train", 2, 1),  # BatchNorm on each candidate set's own statistics
     ("convnet", {"width": 4}, "train", 1, 1),  # one image per set: sets as groups without a transpose
@@ -46,7 +55,8 @@ def _autograd(attacker, obs, x, y, targets):
     ("convnet", {"width": 4, "norm": "none"}, "train", 2, 1),  # conv biases, no normalization
     ("fc", {"hidden": 16}, "train", 2, 1),  # linear layers only
 ])
-def test_the_written_out_gradient_is_autograds(smooth_batch, victim, params, bn_mode, batch_size, clients):
+def test_the_written_out_gradient_is_autograds(smooth_batch, victim, params, bn_mode, batch_size, clients,
+                                               convolutions):
     obs, attacker = _setting(smooth_batch, victim, params, bn_mode=bn_mode, batch_size=batch_size, clients=clients)
     rows = 3
     x = torch.randn(rows, batch_size, 3, 16, 16, generator=generator(1), dtype=torch.float64)
@@ -60,7 +70,7 @@ def test_the_written_out_gradient_is_autograds(smooth_batch, victim, params, bn_
     assert expected.abs().max() > 0  # a real gradient, not two zeros
 
 
-def test_soft_labels(smooth_batch):
+def test_soft_labels(smooth_batch, convolutions):
     obs, attacker = _setting(smooth_batch, "convnet", {"width": 4})
     x = torch.randn(2, 2, 3, 16, 16, generator=generator(3), dtype=torch.float64)
     y = torch.softmax(torch.randn(2, 2, 8, generator=generator(4), dtype=torch.float64), -1)
@@ -80,6 +90,16 @@ def test_what_it_does_not_cover_is_refused_by_name(smooth_batch, victim, params)
     obs, attacker = _setting(smooth_batch, victim, params)
     with pytest.raises(Unsupported, match="written-out second pass"):
         CosineMatching.build(attacker, obs)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 2), ((3, 2), (2, 1), 0, 1)])
+def test_the_patches_are_unfolds(kernel, stride, padding, dilation):
+    conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    a = torch.randn(2, 3, 11, 9, generator=generator(6))
+    expected = torch.nn.functional.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    assert torch.equal(_patches(conv, a), expected)
+    out, kept = tangent._conv_forward(conv, a, None)
+    assert kept is not None and torch.allclose(out, conv(a), atol=1e-5)
 
 
 def test_the_total_variation_gradient_is_autograds():
