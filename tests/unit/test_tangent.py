@@ -47,18 +47,19 @@ def convolutions(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("victim,params,bn_mode,batch_size,clients", [
-    ("convnet", {"width": 4}, "train", 2, 1),  # BatchNorm on each candidate set's own statistics
-    ("convnet", {"width": 4}, "train", 1, 1),  # one image per set: sets as groups without a transpose
-    ("convnet", {"width": 4}, "train", 4, 2),  # two clients: statistics over half a set each
-    ("convnet", {"width": 4}, "eval", 2, 1),  # running statistics
-    ("convnet", {"width": 4, "norm": "none"}, "train", 2, 1),  # conv biases, no normalization
-    ("fc", {"hidden": 16}, "train", 2, 1),  # linear layers only
+@pytest.mark.parametrize("victim,params,bn_mode,batch_size,clients,rows", [
+    ("convnet", {"width": 4}, "train", 2, 1, 3),  # BatchNorm on each candidate set's own statistics
+    ("convnet", {"width": 4}, "train", 2, 1, 1),  # one set: torch's BatchNorm kernels on the batch itself
+    ("convnet", {"width": 4}, "train", 1, 1, 3),  # one image per set: torch's kernels, a statistic per channel
+    ("convnet", {"width": 4}, "train", 2, 2, 3),  # two clients of one image: the same, sets of two images
+    ("convnet", {"width": 4}, "train", 4, 2, 3),  # two clients: statistics over half a set each
+    ("convnet", {"width": 4}, "eval", 2, 1, 3),  # running statistics
+    ("convnet", {"width": 4, "norm": "none"}, "train", 2, 1, 3),  # conv biases, no normalization
+    ("fc", {"hidden": 16}, "train", 2, 1, 3),  # linear layers only
 ])
-def test_the_written_out_gradient_is_autograds(smooth_batch, victim, params, bn_mode, batch_size, clients,
+def test_the_written_out_gradient_is_autograds(smooth_batch, victim, params, bn_mode, batch_size, clients, rows,
                                                convolutions):
     obs, attacker = _setting(smooth_batch, victim, params, bn_mode=bn_mode, batch_size=batch_size, clients=clients)
-    rows = 3
     x = torch.randn(rows, batch_size, 3, 16, 16, generator=generator(1), dtype=torch.float64)
     y = torch.randint(0, 8, (rows, batch_size), generator=generator(2))
     targets = torch.stack([flat_targets(tuple(t.unsqueeze(0) for t in target_gradients(obs, CPU)))[0].double()
