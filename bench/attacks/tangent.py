@@ -64,6 +64,7 @@ class CosineMatching:
         self.per_stats = explicit.per_stats
         self.wanted = explicit.wanted
         self.repeated: dict = {}
+        self.target_norms: tuple | None = None  # (targets, their version, their norms) of the last call
         self.shapes = [self.layers[k].get_parameter(leaf).shape for k, leaf in self.order]
         self.sizes = [shape.numel() for shape in self.shapes]
 
@@ -98,7 +99,10 @@ class CosineMatching:
             g, found = _BACKWARD[type(m)](m, g, saved[k], shape, self.wanted[k], k > 0)
             grads.update({(k, leaf): t for leaf, t in found.items()})
         flat = torch.cat([grads[key].reshape(rows, -1) for key in self.order], 1)
-        matching, gamma = _cosine_and_derivative(flat, targets)
+        known = self.target_norms  # the same targets every iteration of a pack: their norms once
+        if known is None or known[0] is not targets or known[1] != targets._version:
+            self.target_norms = known = (targets, targets._version, targets.pow(2).sum(1, keepdim=True).sqrt())
+        matching, gamma = _cosine_and_derivative(flat, targets, known[2])
         tangents: dict[tuple[int, str], torch.Tensor] = {}
         for key, part, param_shape in zip(self.order, gamma.split(self.sizes, 1), self.shapes):
             tangents[key] = part.reshape(rows, *param_shape)
@@ -131,14 +135,13 @@ def _loss_tangent(p, dlogits, y, per_row):
     return dp * (y.sum(1, keepdim=True) / per_row)
 
 
-def _cosine_and_derivative(g: torch.Tensor, t: torch.Tensor):
-    """``optimize.cosine_distance_rows`` on concatenated gradients (rows × values, targets rows × values), and
-    its derivative in g: -t / d + ⟨g, t⟩ |t| g / (|g| d²) with d = |g| |t| + 1e-12."""
+def _cosine_and_derivative(g: torch.Tensor, t: torch.Tensor, tn: torch.Tensor):
+    """``optimize.cosine_distance_rows`` on concatenated gradients (rows × values, targets rows × values, their
+    norms rows × 1), and its derivative in g: -t / d + ⟨g, t⟩ |t| g / (|g| d²) with d = |g| |t| + 1e-12."""
     dot = (g * t).sum(1, keepdim=True)
     gn = g.pow(2).sum(1, keepdim=True).sqrt()
-    tn = t.pow(2).sum(1, keepdim=True).sqrt()
     d = gn * tn + 1e-12
-    gamma = (dot * tn / (gn * d * d)) * g - t / d
+    gamma = torch.addcmul((dot * tn / (gn * d * d)) * g, t, -1 / d)
     return (1 - dot / d).reshape(-1), gamma
 
 

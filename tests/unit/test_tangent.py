@@ -118,3 +118,17 @@ def test_a_written_out_gradient_needs_a_vectorized_objective():
     with pytest.raises(ValueError, match="vectorized"):
         run_packed(lambda s: (s["x"].sum(), s["x"].sum()), {"x": torch.zeros(1, 3)}, groups=1,
                    schedule=Schedule(iterations=1, lr=0.1), gradient=lambda s: ({"x": s["x"]}, (None, None)))
+
+
+def test_new_targets_are_matched_not_the_last_ones(smooth_batch):
+    obs, attacker = _setting(smooth_batch, "convnet", {"width": 4})
+    written = CosineMatching.build(attacker, obs)
+    x = torch.randn(1, 2, 3, 16, 16, generator=generator(7), dtype=torch.float64)
+    y = torch.randint(0, 8, (1, 2), generator=generator(8))
+    targets = flat_targets(tuple(t.unsqueeze(0) for t in target_gradients(obs, CPU))).double()
+    written.grad_and_value(x, y, targets)
+    targets.mul_(3).add_(0.1)  # changed in place: its norms must be taken again
+    expected_loss, expected = _autograd(attacker, obs, x, y, targets)
+    loss, dx = written.grad_and_value(x, y, targets)
+    assert torch.allclose(loss, expected_loss, rtol=1e-10, atol=1e-12)
+    assert (dx - expected).abs().max() <= 1e-9 * expected.abs().max()
