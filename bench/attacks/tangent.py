@@ -221,7 +221,13 @@ def _conv_backward(m, g, saved, shape, wanted, need_input):
         grads["bias"] = shape.by_row(g).sum((1, 3, 4))
     if not need_input:
         return None, grads
-    return torch.nn.grad.conv2d_input(a.shape, m.weight, g, m.stride, m.padding, m.dilation), grads
+    return _input_gradient(m, a, g), grads
+
+
+def _input_gradient(m, a, g):
+    """``torch.nn.grad.conv2d_input(a.shape, m.weight, g, ...)`` without its Python wrapper."""
+    return torch.ops.aten.convolution_backward(g, a, m.weight, None, m.stride, m.padding, m.dilation, False, (0, 0), 1,
+                                               (True, False, False))[0]
 
 
 def _conv_tangent(m, da, saved, shape, dtheta):
@@ -259,7 +265,7 @@ def _conv_backward_tangent(m, dg, g, saved, da, shape, dtheta):
     if dw is None:
         if dg is None:
             return None
-        return torch.nn.grad.conv2d_input(a.shape, m.weight, dg, m.stride, m.padding, m.dilation)
+        return _input_gradient(m, a, dg)
     if dg is None:
         both, w = _sets(g, shape), dw.reshape(rows * dw.shape[1], *dw.shape[2:])
     else:
@@ -285,7 +291,7 @@ def _bn_stats(t, shape):
 
 def _batch_norm_forward(m, a, shape):
     gamma, beta = _affine(m)
-    kept = {"batch": m.training or m.running_mean is None, "v": None}
+    kept = {"batch": m.training or m.running_mean is None, "v": None, "gamma": gamma}  # the other passes' γ view
     if kept["batch"] and (v := _native(a, shape)) is not None:
         xhat, mean, rstd = torch.native_batch_norm(v, None, None, None, None, True, 0.0, m.eps)
         kept.update(v=v, xv=xhat, mean=mean, count=v.numel() // rstd.numel())
@@ -308,7 +314,7 @@ def _batch_norm_forward(m, a, shape):
 def _batch_norm_backward(m, g, saved, shape, wanted, need_input):
     kept = saved[2]
     xhat, rstd = kept["xhat"], kept["rstd"]
-    gamma, _ = _affine(m)
+    gamma = kept["gamma"]
     grads = {}
     if not kept["batch"]:
         if "weight" in wanted:
@@ -346,7 +352,7 @@ def _batch_norm_tangent(m, da, saved, shape, dtheta):
     """ȯut = γ̇ x̂ + γ ẋ + β̇ with ẋ = rstd P(ż) (batch statistics) or rstd ż (running ones)."""
     kept = saved[2]
     xhat, rstd = kept["xhat"], kept["rstd"]
-    gamma, _ = _affine(m)
+    gamma = kept["gamma"]
     out = None
     if da is not None:
         if kept["v"] is not None:
@@ -375,7 +381,7 @@ def _batch_norm_backward_tangent(m, dg, g, saved, da, shape, dtheta):
     """The tangent of g_in = γ rstd P(g) (batch statistics; with x̂, rstd and P moving with ż) or γ rstd g."""
     kept = saved[2]
     rstd = kept["rstd"]
-    gamma, _ = _affine(m)
+    gamma = kept["gamma"]
     dgamma = None if dtheta["weight"] is None else _per_image(dtheta["weight"], shape)
     if not kept["batch"]:
         out = None if dg is None else dg * rstd * (1 if gamma is None else gamma)
