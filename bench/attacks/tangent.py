@@ -357,7 +357,7 @@ def _batch_norm_tangent(m, da, saved, shape, dtheta):
     if da is not None:
         if kept["v"] is not None:
             dxv, sums_x, _ = _native_backward(_native(da, shape), kept, (True, True, False))
-            kept.update(dxv=dxv, drstd=rstd * rstd * sums_x / -kept["count"])  # for the backward tangent
+            kept.update(dxv=dxv, drstd_rstd=sums_x * (rstd / -kept["count"]))  # ṙstd / rstd, for the backward tangent
             dx = dxv.view(da.shape)
         elif kept["batch"]:
             xs, dims = kept["xs"], kept["dims"]
@@ -368,7 +368,11 @@ def _batch_norm_tangent(m, da, saved, shape, dtheta):
             dx = dxs.reshape(da.shape)
         else:
             dx = da * rstd
-        out = dx if gamma is None else dx * gamma
+        if gamma is not None and dtheta["bias"] is not None:  # β̇ + γ ẋ in one operation
+            out = torch.addcmul(_per_image(dtheta["bias"], shape), dx, gamma)
+            dtheta = {**dtheta, "bias": None}
+        else:
+            out = dx if gamma is None else dx * gamma
     if dtheta["bias"] is not None:
         out = _add(out, _per_image(dtheta["bias"], shape))
     if dtheta["weight"] is not None:
@@ -453,19 +457,21 @@ def _native_backward_tangent(m, dg, g, kept, da, shape, dtheta):
     rstd = kept["rstd"]
     gamma = None if m.weight is None else _tiled_vector(m.weight, rstd.numel() // m.num_features, shape.repeated)
     scale = rstd if gamma is None else gamma * rstd
-    out = None
+    out = None  # a new tensor of this function's, summed into in place
     if dg is not None:
         out = _native_backward(_native(dg, shape), kept, (True, False, False), gamma)[0]  # γ rstd P(ġ)
     coef = _per_statistic(dtheta["weight"], shape)  # γ̇ rstd q = γ̇ (rstd q)
     if da is not None:
         dxv = kept["dxv"]
-        k = (_native(g, shape) * dxv).sum((0, 2, 3)) / kept["count"]  # mean(g ẋ)
-        term = torch.addcmul((-scale * kept["c"]).view(1, -1, 1, 1) * dxv, kept["xv"], (-scale * k).view(1, -1, 1, 1))
-        out = _add(out, term)
-        coef = _add(coef, kept["drstd"] / rstd if gamma is None else gamma * kept["drstd"] / rstd)
+        k = (_native(g, shape) * dxv).sum((0, 2, 3)).mul_(-1 / kept["count"])  # -mean(g ẋ)
+        along = (scale * kept["c"]).neg_().view(1, -1, 1, 1)
+        out = dxv * along if out is None else out.addcmul_(dxv, along)
+        out.addcmul_(kept["xv"], k.mul_(scale).view(1, -1, 1, 1))
+        ratio = kept["drstd_rstd"]
+        coef = _add(coef, ratio if gamma is None else gamma * ratio)
     if coef is not None:
         coef = coef.view(1, -1, 1, 1)
-        out = kept["rq"] * coef if out is None else torch.addcmul(out, kept["rq"], coef)
+        out = kept["rq"] * coef if out is None else out.addcmul_(kept["rq"], coef)
     return None if out is None else out.view(g.shape)
 
 
