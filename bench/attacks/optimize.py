@@ -436,11 +436,10 @@ class _Adam:
         for k, x in state.items():
             g = grads[k]
             shape = (-1,) + (1,) * (x.dim() - 1)
-            if active is None:
-                m = self.m[k].lerp(g, 1 - b1)
-                v = self.v[k] * b2 + (1 - b2) * g * g
-                self.m[k], self.v[k] = m, v
-                x.sub_((lr / c1).view(shape) * m / (v.sqrt() / c2).add_(self.eps))
+            if active is None:  # torch.optim.Adam's own sequence of operations, with a learning rate per row
+                m = self.m[k].lerp_(g, 1 - b1)
+                v = self.v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
+                x.addcdiv_(m * (lr / -c1).view(shape), v.sqrt().div_(c2).add_(self.eps))
                 continue
             m = torch.where(active.view(shape), self.m[k].lerp(g, 1 - b1), self.m[k])
             v = torch.where(active.view(shape), self.v[k] * b2 + (1 - b2) * g * g, self.v[k])
@@ -577,7 +576,7 @@ def box_projection(observation: Observation, like: torch.Tensor) -> Projection:
     lo, hi = observation.normalization.box(like)
 
     def project(state: State) -> None:
-        state["x"].copy_(torch.maximum(torch.minimum(state["x"], hi), lo))
+        state["x"].clamp_(lo, hi)
 
     return project
 
