@@ -101,6 +101,11 @@ def test_the_patches_are_unfolds(kernel, stride, padding, dilation):
     assert torch.equal(_patches(conv, a), expected)
     out, kept = tangent._conv_forward(conv, a, None)
     assert kept is not None and torch.allclose(out, conv(a), atol=1e-5)
+    c = torch.randn(expected.shape, generator=generator(7))  # the fold is the patches' adjoint: <P a, c> = <a, F c>
+    folded = tangent._fold(c, conv, a)
+    assert torch.allclose(folded, torch.nn.functional.fold(c, a.shape[2:], conv.kernel_size, conv.dilation,
+                                                           conv.padding, conv.stride), atol=1e-5)
+    assert torch.allclose((expected * c).sum(), (a * folded).sum(), rtol=1e-5)
 
 
 def test_the_total_variation_gradient_is_autograds():
