@@ -35,6 +35,7 @@ from leakbench.attacks.layerwise import (
     _sets,
     _softmax_and_loss_gradient,
     _tiled,
+    conv_input_gradient,
 )
 
 _COVERED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Identity)
@@ -176,13 +177,19 @@ def _per_image(t: torch.Tensor, shape: _Shape) -> torch.Tensor:
 PATCHES_MAX_VALUES = 1 << 18
 
 
+def _output_size(m, a):
+    """The output height and width of convolution ``m`` on ``a``."""
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip(a.shape[2:], m.kernel_size, m.stride, m.padding, m.dilation))
+
+
 def _patches(m, a: torch.Tensor) -> torch.Tensor | None:
     """im2col of ``a`` for ``m``, N × C·kh·kw × P (F.unfold's layout, from one strided view of the padded input,
     about four times faster than F.unfold here), or None where the patches would be larger than
     ``PATCHES_MAX_VALUES``."""
-    n, c, h, w = a.shape
+    n, c = a.shape[:2]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
-    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = _output_size(m, a)
     if n * c * kh * kw * oh * ow > PATCHES_MAX_VALUES:
         return None
     padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
@@ -202,11 +209,6 @@ def _conv_forward(m, a, shape):
     return out.view(a.shape[0], m.out_channels, oh, ow), cols
 
 
-def _output_size(m, a):
-    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
-                 for size, k, s, p, d in zip(a.shape[2:], m.kernel_size, m.stride, m.padding, m.dilation))
-
-
 def _conv_backward(m, g, saved, shape, wanted, need_input):
     a, cols = saved[0], saved[2]
     grads = {}
@@ -221,13 +223,7 @@ def _conv_backward(m, g, saved, shape, wanted, need_input):
         grads["bias"] = shape.by_row(g).sum((1, 3, 4))
     if not need_input:
         return None, grads
-    return _input_gradient(m, a, g), grads
-
-
-def _input_gradient(m, a, g):
-    """``torch.nn.grad.conv2d_input(a.shape, m.weight, g, ...)`` without its Python wrapper."""
-    return torch.ops.aten.convolution_backward(g, a, m.weight, None, m.stride, m.padding, m.dilation, False, (0, 0), 1,
-                                               (True, False, False))[0]
+    return conv_input_gradient(g, a, m.weight, m.stride, m.padding, m.dilation), grads
 
 
 def _conv_tangent(m, da, saved, shape, dtheta):
@@ -288,7 +284,7 @@ def _conv_backward_tangent(m, dg, g, saved, da, shape, dtheta):
     if dw is None:
         if dg is None:
             return None
-        return _input_gradient(m, a, dg)
+        return conv_input_gradient(dg, a, m.weight, m.stride, m.padding, m.dilation)
     if dg is None:
         both, w = _sets(g, shape), dw.reshape(rows * dw.shape[1], *dw.shape[2:])
     else:
@@ -375,7 +371,7 @@ def _batch_norm_tangent(m, da, saved, shape, dtheta):
     """ȯut = γ̇ x̂ + γ ẋ + β̇ with ẋ = rstd P(ż) (batch statistics) or rstd ż (running ones)."""
     kept = saved[2]
     xhat, rstd = kept["xhat"], kept["rstd"]
-    gamma = kept["gamma"]
+    gamma, db = kept["gamma"], dtheta["bias"]
     out = None
     if da is not None:
         if kept["v"] is not None:
@@ -391,13 +387,12 @@ def _batch_norm_tangent(m, da, saved, shape, dtheta):
             dx = dxs.reshape(da.shape)
         else:
             dx = da * rstd
-        if gamma is not None and dtheta["bias"] is not None:  # β̇ + γ ẋ in one operation
-            out = torch.addcmul(_per_image(dtheta["bias"], shape), dx, gamma)
-            dtheta = {**dtheta, "bias": None}
+        if gamma is not None and db is not None:  # β̇ + γ ẋ in one operation
+            out, db = torch.addcmul(_per_image(db, shape), dx, gamma), None
         else:
             out = dx if gamma is None else dx * gamma
-    if dtheta["bias"] is not None:
-        out = _add(out, _per_image(dtheta["bias"], shape))
+    if db is not None:
+        out = _add(out, _per_image(db, shape))
     if dtheta["weight"] is not None:
         dgamma = _per_image(dtheta["weight"], shape)
         out = xhat * dgamma if out is None else torch.addcmul(out, xhat, dgamma)
@@ -478,7 +473,7 @@ def _native_backward_tangent(m, dg, g, kept, da, shape, dtheta):
     d(g_in) = γ rstd (P(ġ) - c ẋ - mean(g ẋ) x̂) + (γ ṙstd + γ̇ rstd) q, the first term one kernel, the rest
     per-statistic coefficients times what the other passes kept (rstd q among them)."""
     rstd = kept["rstd"]
-    gamma = None if m.weight is None else _tiled_vector(m.weight, rstd.numel() // m.num_features, shape.repeated)
+    gamma = None if m.weight is None else _tiled(m.weight, rstd.numel() // m.num_features, shape.repeated)
     scale = rstd if gamma is None else gamma * rstd
     out = None  # a new tensor of this function's, summed into in place
     if dg is not None:
@@ -496,16 +491,6 @@ def _native_backward_tangent(m, dg, g, kept, da, shape, dtheta):
         coef = coef.view(1, -1, 1, 1)
         out = kept["rq"] * coef if out is None else out.addcmul_(kept["rq"], coef)
     return None if out is None else out.view(g.shape)
-
-
-def _tiled_vector(t: torch.Tensor, times: int, kept: dict) -> torch.Tensor:
-    """``t.repeat(times)``, made once per tensor, version and count (``layerwise._tiled``'s rule)."""
-    if times == 1:
-        return t.detach()
-    key = (id(t), t._version, times, "vector")
-    if key not in kept:
-        kept[key] = t.detach().repeat(times)
-    return kept[key]
 
 
 def _relu_forward(m, a, shape):
